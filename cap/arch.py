@@ -1,0 +1,45 @@
+"""The surviving architecture as plain data, and the gated model rebuilt from it.
+
+`architecture(model)` gives a JSON-able spec (registry name, constructor arguments, per block:
+removed or its internal widths); `build_from_architecture(spec)` creates the dense model and
+applies the same removals, so a state_dict of the shrunken network loads without shape errors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cap.models import create_model
+from cap.surgery import remove_block, remove_units
+
+
+def architecture(model: nn.Module, name: str, kwargs: dict) -> dict:
+    blocks = []
+    for stage, index, block in model.block_slots():
+        entry = {"stage": stage, "index": index, "removed": bool(block.is_removed)}
+        if not block.is_removed:
+            entry["widths"] = [g.size for g in block.unit_gates()]
+        blocks.append(entry)
+    return {"name": name, "kwargs": dict(kwargs), "blocks": blocks}
+
+
+def build_from_architecture(spec: dict) -> nn.Module:
+    model = create_model(spec["name"], **spec["kwargs"])
+    slots = list(model.block_slots())
+    if len(slots) != len(spec["blocks"]):
+        raise ValueError(f"architecture lists {len(spec['blocks'])} blocks, model '{spec['name']}' has {len(slots)}")
+    for (_, _, block), entry in zip(slots, spec["blocks"], strict=True):
+        if entry["removed"]:
+            remove_block(model, block)
+            continue
+        gates = block.unit_gates()
+        if len(entry["widths"]) != len(gates):
+            raise ValueError(f"block {entry['stage']}.{entry['index']}: {len(entry['widths'])} widths for "
+                             f"{len(gates)} gated layers")
+        for gate, width in zip(gates, entry["widths"], strict=True):
+            if not 1 <= width <= gate.size:
+                raise ValueError(f"block {entry['stage']}.{entry['index']}: width {width} outside 1..{gate.size}")
+            if width < gate.size:
+                remove_units(block, gate, torch.arange(width))
+    return model

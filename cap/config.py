@@ -1,0 +1,281 @@
+"""Experiment configuration: typed sections, YAML loading, dotted overrides, validation.
+
+Every key has a default here; a YAML file and `key=value` overrides change them. Validation runs
+before any work starts and names the offending key together with what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet20"
+    """registry name: resnet20/32/56/110 (CIFAR-style) or resnet18/34/50 (ImageNet-style)"""
+    width: int = 16
+    """channels of the first stage of the CIFAR-style ResNets (ignored by ImageNet-style ones)"""
+
+
+@dataclass
+class DataConfig:
+    name: Literal["fashion-mnist", "mnist", "kmnist", "idx", "cifar10", "cifar100", "imagenet"] = (
+        "fashion-mnist"
+    )
+    root: str | None = None
+    """folder of the dataset; Fashion-MNIST is found at Debian's location without one"""
+    train_subset: int | None = None
+    """use only this many training images (a fixed, seeded, class-mixed subset)"""
+    test_subset: int | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    augment: bool = True
+    """random crop (padding 4, or random-resized for ImageNet) and horizontal flip"""
+    image_size: int = 224
+    """ImageNet only: training crop size (evaluation resizes to 256/224 of it, then centre-crops)"""
+    workers: int = 2
+    """DataLoader worker processes (ImageNet folders only; in-memory sets are batched in-process)"""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    """step schedule: fractions of training at which the rate is multiplied by step_gamma"""
+    step_gamma: float = 0.1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)"""
+    max_steps_per_epoch: int | None = None
+    """cap on training steps per epoch (quick runs); None trains on the whole set"""
+    progress: bool = True
+    """a tqdm progress bar per epoch"""
+
+
+@dataclass
+class PruneConfig:
+    tau: float = 0.2
+    """accuracy vs pruning, nats per example given up for deleting the whole network; 0 = dense"""
+    alpha: float = 0.5
+    """1 = only MACs count, 0 = only parameters count"""
+    beta: float = 0.5
+    """layer vs unit pruning: 1 prunes depth first, 0 width first, 0.5 neutral"""
+    units: bool = True
+    """unit (filter) gates on; False gives layer-only pruning"""
+    layers: bool = True
+    """layer (residual block) gates on; False gives unit-only pruning"""
+    layer_cost: Literal["static", "dynamic"] = "static"
+    """layer gates pay the block's dense cost share (static) or its current expected cost (dynamic)"""
+    sampling: Literal["example", "batch"] = "example"
+    """draw the gates per example (lower-variance estimator) or once per mini-batch"""
+    explore: float = 0.05
+    """gates are drawn with probability clamp(theta, explore, 1 - explore); the estimator weights are exact"""
+    eta: float = 0.0015
+    """theta step: a structure of zero importance goes from 1 to 0 in about 1/eta steps"""
+    warmup_epochs: float = 1.0
+    """thetas frozen (dense training) for this many epochs"""
+    check_every: int = 50
+    """steps between pruning checks"""
+    theta_min: float = 0.01
+    margin: float = 0.2
+    patience: int = 2
+    """consecutive checks a structure must stay inside the domain of attraction of 0"""
+    harden_at: float | None = 0.6
+    """fraction of training after which gates are hardened (theta >= 0.5 kept as plain layers,
+    the rest removed); None never hardens"""
+    harden_patience: int | None = 2
+    """harden earlier once the deterministic structure has not changed for this many epochs"""
+    bn_batches: int = 20
+    """batches used to re-estimate BatchNorm statistics of the deterministic network before evaluation"""
+
+
+@dataclass
+class TrackingConfig:
+    mlflow: bool = False
+    """log the run to MLflow (tracking issue); off by default in the core"""
+    uri: str | None = None
+    experiment: str = "cap"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+            type(None): "null"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints become floats where floats are asked)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif isinstance(tp, types.UnionType) or origin is typing.Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(f"{key}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+
+
+def _merge(obj: Any, data: dict, prefix: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'; allowed keys here: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def _check_ranges(cfg: Config) -> None:
+    p, t, d = cfg.prune, cfg.train, cfg.data
+
+    def need(ok: bool, key: str, allowed: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}': got {value!r}, allowed {allowed}")
+
+    need(p.tau >= 0, "prune.tau", "tau >= 0 (0 = no pruning pressure)", p.tau)
+    need(0 <= p.alpha <= 1, "prune.alpha", "0 <= alpha <= 1", p.alpha)
+    need(0 <= p.beta <= 1, "prune.beta", "0 <= beta <= 1", p.beta)
+    need(0 <= p.explore < 0.5, "prune.explore", "0 <= explore < 0.5", p.explore)
+    need(p.eta > 0, "prune.eta", "eta > 0", p.eta)
+    need(p.warmup_epochs >= 0, "prune.warmup_epochs", ">= 0", p.warmup_epochs)
+    need(p.check_every >= 1, "prune.check_every", ">= 1", p.check_every)
+    need(0 <= p.theta_min < 0.5, "prune.theta_min", "0 <= theta_min < 0.5", p.theta_min)
+    need(0 <= p.margin < 1, "prune.margin", "0 <= margin < 1", p.margin)
+    need(p.patience >= 1, "prune.patience", ">= 1", p.patience)
+    need(p.harden_at is None or 0 < p.harden_at <= 1, "prune.harden_at", "null or a fraction in (0, 1]",
+         p.harden_at)
+    need(p.harden_patience is None or p.harden_patience >= 1, "prune.harden_patience", "null or >= 1",
+         p.harden_patience)
+    need(p.bn_batches >= 0, "prune.bn_batches", ">= 0", p.bn_batches)
+    need(p.units or p.layers or p.tau == 0, "prune.units", "true where prune.layers is false and tau > 0",
+         p.units)
+    need(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
+    need(t.lr > 0, "train.lr", "> 0", t.lr)
+    need(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
+    need(all(0 < m < 1 for m in t.milestones), "train.milestones", "fractions in (0, 1)", t.milestones)
+    need(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch",
+         "null or >= 1", t.max_steps_per_epoch)
+    need(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
+    need(d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1", d.eval_batch_size)
+    need(d.train_subset is None or d.train_subset >= 1, "data.train_subset", "null or >= 1", d.train_subset)
+    need(d.test_subset is None or d.test_subset >= 1, "data.test_subset", "null or >= 1", d.test_subset)
+    need(d.workers >= 0, "data.workers", ">= 0", d.workers)
+    need(d.name != "idx" or d.root is not None, "data.root", "a folder in MNIST's file layout for data.name=idx",
+         d.root)
+    need(cfg.model.width >= 1, "model.width", ">= 1", cfg.model.width)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ('a.b', yaml-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. prune.tau=0.5)")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def nest(dotted: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in dotted.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}' conflicts with another override of '{part}'")
+        node[parts[-1]] = value
+    return out
+
+
+def build_config(data: dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then `data` (a parsed YAML mapping), then `key=value` overrides; validated."""
+    cfg = Config()
+    _merge(cfg, data or {}, "")
+    if overrides:
+        _merge(cfg, nest(dict(parse_override(o) for o in overrides)), "")
+    _check_ranges(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+    return build_config(data, overrides)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

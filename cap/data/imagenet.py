@@ -1,0 +1,99 @@
+"""ImageNet-style class folders of JPEGs (root/train/<class>/*, root/val/<class>/*), decoded by workers.
+
+Too large for memory, so unlike the small sets it goes through torchvision's ImageFolder and worker processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+
+from cap.config import DataConfig
+from cap.data.bundle import DataBundle, DataError, cycle_batches, derive_seed, subset_indices
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def eval_transform(image_size: int) -> transforms.Compose:
+    """Resize to 256/224 of the crop, then centre-crop: the standard ImageNet evaluation view."""
+    return transforms.Compose([
+        transforms.Resize(round(image_size * 256 / 224)),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+
+
+def train_transform(image_size: int) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+
+
+def _classes(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        raise DataError(f"imagenet: folder {folder} does not exist; expected class folders "
+                        f"{folder}/<class>/*.JPEG")
+    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+    if not classes:
+        raise DataError(f"imagenet: {folder} holds no class folders; expected {folder}/<class>/*.JPEG "
+                        "(the validation set must be sorted into class folders too)")
+    return classes
+
+
+def _image_folder(folder: Path, transform: transforms.Compose) -> datasets.ImageFolder:
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as exc:  # raised for a class folder without a single image
+        raise DataError(f"imagenet: {folder}: {exc}") from exc
+
+
+def _pick(dataset: datasets.ImageFolder, idx: torch.Tensor | None) -> Dataset:
+    return dataset if idx is None else Subset(dataset, idx.tolist())
+
+
+def build_imagenet(cfg: DataConfig, seed: int) -> DataBundle:
+    """Training, validation and calibration loaders over root/train and root/val.
+
+    Shuffling and the workers' augmentation seeds come from a generator seeded by `seed`; with workers=0
+    the augmentation draws from torch's global generator instead."""
+    if cfg.root is None:
+        raise DataError("data.name=imagenet needs data.root: a folder with train/<class>/* and val/<class>/*")
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DataError(f"imagenet: folder {root} does not exist; expected {root}/train/<class>/* and "
+                        f"{root}/val/<class>/*")
+    train_classes, val_classes = _classes(root / "train"), _classes(root / "val")
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise DataError(f"imagenet: train and val class folders differ: only in train {only_train[:5]}"
+                        f"{' ...' if len(only_train) > 5 else ''}, only in val {only_val[:5]}"
+                        f"{' ...' if len(only_val) > 5 else ''}")
+    size = cfg.image_size
+    train_set = _image_folder(root / "train", train_transform(size) if cfg.augment else eval_transform(size))
+    val_set = _image_folder(root / "val", eval_transform(size))
+    calib_set = copy.copy(train_set)  # same file list, no second directory scan; only the transform differs
+    calib_set.transform = eval_transform(size)
+
+    train_idx = subset_indices(len(train_set), cfg.train_subset, seed, "train")
+    test_set = _pick(val_set, subset_indices(len(val_set), cfg.test_subset, seed, "test"))
+    loader = functools.partial(DataLoader, num_workers=cfg.workers, pin_memory=torch.cuda.is_available())
+    train = loader(_pick(train_set, train_idx), batch_size=cfg.batch_size, shuffle=True,
+                   persistent_workers=cfg.workers > 0,
+                   generator=torch.Generator().manual_seed(derive_seed(seed, "train")))
+    test = loader(test_set, batch_size=cfg.eval_batch_size, persistent_workers=cfg.workers > 0)
+    calib = loader(_pick(calib_set, train_idx), batch_size=cfg.batch_size, shuffle=True,
+                   generator=torch.Generator().manual_seed(derive_seed(seed, "calib")))
+    return DataBundle(train=train, test=test, calib=functools.partial(cycle_batches, calib), in_channels=3,
+                      num_classes=len(train_classes), input_size=size, train_size=len(train.dataset),
+                      test_size=len(test_set), name="imagenet")

@@ -1,0 +1,91 @@
+"""Variational Bernoulli gates.
+
+A `Gate` scales `size` structures (the channels of a tensor, or a whole residual branch when
+size == 1) by binary variables xi_s ~ Bern(theta_s). theta lives directly in [0, 1] as a buffer;
+it is moved by the projected theta step (cap.objective), never by the weight optimiser.
+
+Modes:
+  dense          xi = 1, the gate is the identity (warm-up, hardened, or tau = 0);
+  sample         xi drawn per example (or per batch) with P(xi_s = 1) = clamp(theta_s, e, 1 - e);
+                 xi requires grad so that backward yields dL/dxi at the sample;
+  deterministic  xi = 1[theta >= 0.5] (evaluation and export).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+GateMode = Literal["dense", "sample", "deterministic"]
+
+
+class Gate(nn.Module):
+    """Bernoulli gates over `size` structures of one kind ("unit" or "layer")."""
+
+    def __init__(self, size: int, kind: Literal["unit", "layer"]) -> None:
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("theta", torch.ones(size))
+        self.mode: GateMode = "dense"
+        self.active = True  # False: frozen at theta = 1 (an ablation switched this kind off)
+        self.explore = 0.05
+        self.per_example = True
+        self.xi: Tensor | None = None
+        self.p_on: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.theta.numel()
+
+    def keep_mask(self) -> Tensor:
+        """The deterministic network's choice: xi = 1[theta >= 0.5]."""
+        return self.theta >= 0.5
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "dense" or not self.active:
+            return x
+        if self.mode == "deterministic":
+            return x * self._broadcast(self.keep_mask().to(x.dtype), x)
+        # Sampling from the clamped probability keeps both outcomes observable at theta in {0, 1},
+        # so the reweighted estimator below stays exact there (no pull-down of kept gates).
+        p_on = self.theta.clamp(self.explore, 1.0 - self.explore)
+        rows = x.shape[0] if self.per_example else 1
+        xi = torch.bernoulli(p_on.expand(rows, self.size)).to(x.dtype).requires_grad_(True)
+        self.xi, self.p_on = xi, p_on
+        return x * self._broadcast(xi, x)
+
+    def _broadcast(self, xi: Tensor, x: Tensor) -> Tensor:
+        rows = xi.shape[0] if xi.dim() == 2 else 1
+        channels = self.size if self.kind == "unit" else 1
+        return xi.reshape(rows, channels, *([1] * (x.dim() - 2)))
+
+    def trapezoid_grad(self) -> Tensor | None:
+        """g_s = sum_n dL/dxi_ns / (2 P(xi_ns)). Its mean is (dL/dxi|0 + dL/dxi|1) / 2 for any theta.
+
+        The loss is a batch mean, so summing the per-example terms gives the batch-mean estimate.
+        Returns None when no sample was drawn (dense mode) or no gradient reached the gate.
+        """
+        if self.xi is None or self.xi.grad is None:
+            return None
+        on = self.xi.detach() > 0.5
+        p_sample = torch.where(on, self.p_on, 1.0 - self.p_on)
+        return (self.xi.grad / (2.0 * p_sample)).sum(0)
+
+    def clear(self) -> None:
+        self.xi = None
+        self.p_on = None
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, size={self.size}, mode={self.mode}"
+
+
+def set_gate_mode(model: nn.Module, mode: GateMode) -> None:
+    for gate in gates_of(model):
+        gate.mode = mode
+        gate.clear()
+
+
+def gates_of(model: nn.Module) -> list[Gate]:
+    return [m for m in model.modules() if isinstance(m, Gate)]

@@ -1,0 +1,95 @@
+"""Pruning conditions: the domain-of-attraction check with layer-aware guards.
+
+Mean dynamics: d theta_s / dt = -(Delta_s + w gamma_s), projected on [0, 1]. Once the importance
+-Delta_s stays below the cost with theta_s near 0, theta_s and the structure's weights both flow
+to 0, so removal does not change the limit. A structure is ready for removal when, at `patience`
+consecutive checks,
+  (a) theta_s <= theta_min, and
+  (b) the mean of -g_s over the window since the last check is below (1 - margin) * w gamma_s.
+A structure with theta near 0 but large importance is outside the basin: removing it would be
+premature, so it stays (and, being sampled with probability `explore`, can still come back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from cap.gates import Gate
+from cap.models.blocks import GatedBlock
+
+
+@dataclass
+class RemovalPlan:
+    blocks: list[tuple[GatedBlock, str]] = field(default_factory=list)  # (block, reason)
+    units: list[tuple[GatedBlock, Gate, Tensor]] = field(default_factory=list)  # (block, gate, keep idx)
+
+    def __bool__(self) -> bool:
+        return bool(self.blocks or self.units)
+
+
+class PruningMonitor:
+    """Tracks the windowed mean importance of every gate and how long each sat in the basin of 0."""
+
+    def __init__(self, theta_min: float, margin: float, patience: int) -> None:
+        self.theta_min, self.margin, self.patience = theta_min, margin, patience
+        self.grad_sum: dict[Gate, Tensor] = {}
+        self.count: dict[Gate, int] = {}
+        self.streak: dict[Gate, Tensor] = {}
+
+    def observe(self, grads: dict[Gate, Tensor]) -> None:
+        for gate, g in grads.items():
+            self.grad_sum[gate] = self.grad_sum.get(gate, torch.zeros_like(g)) + g
+            self.count[gate] = self.count.get(gate, 0) + 1
+
+    def ready(self, gammas: dict[Gate, Tensor]) -> dict[Gate, Tensor]:
+        """Update the streaks from the window that just ended; return gate -> bool mask of ready structures."""
+        out = {}
+        for gate, total in self.grad_sum.items():
+            importance = -total / self.count[gate]
+            inside = (gate.theta <= self.theta_min) & (importance < (1 - self.margin) * gammas[gate])
+            streak = self.streak.get(gate, torch.zeros_like(gate.theta, dtype=torch.long))
+            self.streak[gate] = torch.where(inside, streak + 1, torch.zeros_like(streak))
+            out[gate] = self.streak[gate] >= self.patience
+        self.grad_sum.clear()
+        self.count.clear()
+        return out
+
+    def keep_only(self, gate: Gate, keep: Tensor) -> None:
+        if gate in self.streak:
+            self.streak[gate] = self.streak[gate][keep]
+
+    def forget(self, gates: list[Gate]) -> None:
+        for gate in gates:
+            self.streak.pop(gate, None)
+            self.grad_sum.pop(gate, None)
+            self.count.pop(gate, None)
+
+
+def plan_removals(blocks: list[GatedBlock], remove: dict[Gate, Tensor]) -> RemovalPlan:
+    """Turn per-gate removal masks into a plan, with the layer-aware guards.
+
+    A block goes when its layer gate says so, or when one of its unit gates would lose every
+    channel: an empty internal layer leaves the branch adding only its last BN's shift (a
+    constant), so the block is removed as a whole and counted as layer pruning. A block never
+    keeps zero units.
+    """
+    plan = RemovalPlan()
+    for block in blocks:
+        if bool(remove.get(block.layer_gate, torch.zeros(1, dtype=torch.bool)).any()):
+            plan.blocks.append((block, "layer gate"))
+            continue
+        unit_plans = []
+        for gate in block.unit_gates():
+            mask = remove.get(gate)
+            if mask is None or not bool(mask.any()):
+                continue
+            if bool(mask.all()):
+                plan.blocks.append((block, "all units pruned"))
+                unit_plans = []
+                break
+            unit_plans.append((block, gate, (~mask).nonzero().squeeze(1)))
+        plan.units.extend(unit_plans)
+    return plan
