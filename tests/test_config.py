@@ -1,0 +1,61 @@
+"""Bad input fails before any work starts, naming the key and what is allowed."""
+
+import subprocess
+import sys
+
+import pytest
+
+from cap.config import ConfigError, build_config, load_config
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("prune.tua=0.5", "unknown config key 'prune.tua'"),
+    ("prune.tau=-1", "prune.tau"),
+    ("prune.alpha=1.5", "prune.alpha"),
+    ("prune.beta=-0.1", "prune.beta"),
+    ("train.schedule=linear", "one of 'cosine', 'step', 'constant'"),
+    ("train.epochs=two", "train.epochs"),
+    ("data.name=svhn", "data.name"),
+    ("prune", "key=value"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        build_config({}, [override])
+
+
+def test_yaml_and_overrides_compose():
+    cfg = build_config({"prune": {"tau": 0.3}, "train": {"epochs": 2}}, ["prune.alpha=1", "seed=7"])
+    assert (cfg.prune.tau, cfg.prune.alpha, cfg.train.epochs, cfg.seed) == (0.3, 1.0, 2, 7)
+
+
+def test_unknown_yaml_section_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("prune:\n  tau: 0.5\n  gamma: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'prune.gamma'"):
+        load_config(path)
+
+
+def _cap(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "cap", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["prune.tau=-0.5"], "prune.tau"),
+    (["prune.alpha=2"], "prune.alpha"),
+    (["prune.beta=3"], "prune.beta"),
+    (["model.depth=3"], "unknown config key 'model.depth'"),
+    (["data.name=cifar10", "data.root=/nonexistent/cifar"], "/nonexistent/cifar"),
+    (["data.name=imagenet", "data.root=/nonexistent/imagenet"], "/nonexistent/imagenet"),
+])
+def test_cli_rejects_bad_input_before_any_work(tmp_path, args, needle):
+    out = tmp_path / "run"
+    result = _cap("train", "--out", str(out), *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert needle in result.stderr
+    assert not out.exists()  # nothing was started, nothing written
+
+
+def test_cli_help_lists_the_train_flags(tmp_path):
+    result = _cap("train", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and "--config" in result.stdout and "key=value" in result.stdout
