@@ -60,6 +60,7 @@ class Pruner:
         self.names = {id(b): f"stage{s + 1}.block{i + 1}" for s, i, b in model.block_slots()}
         self.layers_total = sum(1 for _ in model.blocks())
         self.units_total = sum(g.size for b in model.blocks() for g in b.unit_gates())
+        self.units_of = {id(b): sum(g.size for g in b.unit_gates()) for b in model.blocks()}
         self.warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
         if self.enabled:
             self.penalty = ComplexityPenalty(model, cfg.tau, cfg.alpha, cfg.beta, cfg.layer_cost)
@@ -105,7 +106,9 @@ class Pruner:
         for block, reason in plan.blocks:
             if self.enabled:
                 self.monitor.forget([block.layer_gate, *block.unit_gates()])
-            remove_block(self.model, block, self.optimizer)
+            removed = remove_block(self.model, block, self.optimizer)
+            self.names[id(removed)] = self.names[id(block)]
+            self.units_of[id(removed)] = self.units_of[id(block)]
             events.append(PruneEvent(self.state.step, "block", self.names[id(block)], reason))
         self.state.events.extend(events)
         return events
@@ -159,19 +162,26 @@ class Pruner:
     def undecided(self, low: float = 0.05, high: float = 0.95) -> int:
         return int(sum(((g.theta > low) & (g.theta < high)).sum() for g in self.active_gates()))
 
+    def block_structure(self) -> list[dict]:
+        """Per block position: kept by the deterministic network?, internal units kept, of how many."""
+        out = []
+        for _, _, block in self.model.block_slots():
+            off = block.is_removed or (block.layer_gate.active and not bool(block.layer_gate.keep_mask()))
+            units = 0 if off else sum(int(deterministic_values(g).sum()) for g in block.unit_gates())
+            of = self.units_of[id(block)]
+            out.append({"name": self.names[id(block)], "kept": not off, "units": units, "of": of})
+        return out
+
     def stats(self) -> dict:
         final = expected_cost(self.model, deterministic_values)
-        layers_kept = units_kept = 0
-        for block in self.model.blocks():
-            if block.layer_gate.active and not bool(block.layer_gate.keep_mask()):
-                continue
-            layers_kept += 1
-            units_kept += sum(int(deterministic_values(g).sum()) for g in block.unit_gates())
+        structure = self.block_structure()
         return {
             "macs_dense": int(self.dense.macs), "macs_final": int(round(float(final.macs))),
             "params_dense": int(self.dense.params), "params_final": int(round(float(final.params))),
-            "mac_ratio": float(final.macs / self.dense.macs), "param_ratio": float(final.params / self.dense.params),
-            "layers_total": self.layers_total, "layers_kept": layers_kept,
-            "units_total": self.units_total, "units_kept": units_kept,
+            "mac_ratio": float(final.macs / self.dense.macs),
+            "param_ratio": float(final.params / self.dense.params),
+            "layers_total": self.layers_total, "layers_kept": sum(b["kept"] for b in structure),
+            "units_total": self.units_total, "units_kept": sum(b["units"] for b in structure),
             "theta_undecided": self.undecided(),
+            "structure": structure,
         }

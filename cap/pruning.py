@@ -58,8 +58,9 @@ class PruningMonitor:
         return out
 
     def keep_only(self, gate: Gate, keep: Tensor) -> None:
-        if gate in self.streak:
-            self.streak[gate] = self.streak[gate][keep]
+        for table in (self.streak, self.grad_sum):
+            if gate in table:
+                table[gate] = table[gate][keep]
 
     def forget(self, gates: list[Gate]) -> None:
         for gate in gates:
