@@ -164,7 +164,7 @@ def run(cfg: Config, out_dir: Path | None = None, log=print) -> dict:
         "peak_memory_mb": peak_memory_mb(device),
         "tau": cfg.prune.tau, "alpha": cfg.prune.alpha, "beta": cfg.prune.beta,
         "dataset": data.name, "model": cfg.model.name, "epochs": t.epochs, "seed": cfg.seed,
-        "hardened_at_step": pruner.state.harden_step,
+        "steps_per_epoch": steps, "hardened_at_step": pruner.state.harden_step,
         "theta_undecided_at_harden": pruner.state.undecided_at_harden,
         "prune_events": [vars(e) for e in pruner.state.events],
     }
