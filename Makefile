@@ -21,5 +21,5 @@ lint: setup
 	.venv/bin/ruff check cap tests tools
 
 bench: setup
-	.venv/bin/python tools/bench_core.py --config configs/fmnist_resnet20.yaml --taus 0.6 1.2 2.4 \
-	  --out bench_out/core --write-docs docs/benchmarks.md data.train_subset=20000 prune.eta=0.003
+	.venv/bin/python tools/bench_core.py --config configs/fmnist_resnet20.yaml --taus 0.3 0.6 1.2 \
+	  --out bench_out/core --write-docs docs/benchmarks.md data.train_subset=20000 prune.eta=0.006

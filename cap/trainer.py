@@ -153,7 +153,7 @@ def run(cfg: Config, out_dir: Path | None = None, log=print) -> dict:
         log(f"epoch {epoch + 1}/{t.epochs} loss {result['train_loss']:.3f} test_acc {result['test_acc']:.4f} "
             f"MACs {stats['mac_ratio']:.3f} params {stats['param_ratio']:.3f} "
             f"blocks {stats['layers_kept']}/{stats['layers_total']} units {stats['units_kept']}/{stats['units_total']} "
-            f"undecided {stats['theta_undecided']}{' hardened' if pruner.state.hardened else ''} "
+            f"undecided {stats['theta_undecided']}{' hardened' if pruner.enabled and pruner.state.hardened else ''} "
             f"({epoch_seconds[-1]:.1f}s)")
 
     final = history[-1]
