@@ -47,16 +47,7 @@ def test_gate_code_matches_enumerated_trapezoid_in_batch_mode():
     table = _table(net, x, y)
     p_on = theta.clamp(EXPLORE, 1 - EXPLORE)
     expected = estimator_mean(table, p_on, p_on)
-    set_thetas(net, theta)
-    for g in net.gates():
-        g.mode, g.explore, g.per_example = "sample", EXPLORE, False
-    torch.manual_seed(1)
-    samples = []
-    for _ in range(3000):
-        net.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        samples.append(torch.cat([g.trapezoid_grad() for g in net.gates()]))
-    samples = torch.stack(samples)
+    samples = _draw_estimates(net, x, y, theta, per_example=False, draws=3000, seed=1)
     stderr = samples.std(0) / len(samples) ** 0.5
     assert torch.all((samples.mean(0) - expected).abs() < 4 * stderr + 1e-4), (samples.mean(0), expected)
 
@@ -72,11 +63,12 @@ def _trained(seed=3, batch=64):
     return net, x, y
 
 
-def _per_example_mc(net, x, y, theta, draws=1000):
+def _draw_estimates(net, x, y, theta, per_example, draws, seed):
+    """`draws` Monte Carlo estimates g from the Gate code itself, gates drawn with P(on) = clamp(theta)."""
     set_thetas(net, theta)
     for g in net.gates():
-        g.mode, g.explore, g.per_example = "sample", EXPLORE, True
-    torch.manual_seed(4)
+        g.mode, g.explore, g.per_example = "sample", EXPLORE, per_example
+    torch.manual_seed(seed)
     samples = []
     for _ in range(draws):
         net.zero_grad()
@@ -120,7 +112,7 @@ def test_per_example_gates_in_train_mode_track_the_deterministic_delta():
     theta = torch.full((4,), 0.5)
     delta = exact_delta(_table(net, x, y), theta)
     net.train()
-    mc = _per_example_mc(net, x, y, theta)
+    mc = _draw_estimates(net, x, y, theta, per_example=True, draws=1000, seed=4)
     err = (mc.mean(0)[:3] - delta[:3]).abs().max() / delta[:3].abs().max()
     print(f"per-example train-mode {mc.mean(0).tolist()} vs eval-mode Delta {delta.tolist()}: {err:.3f}")
     assert err < 0.4
@@ -149,18 +141,7 @@ def test_per_example_sampling_is_unbiased_and_has_lower_variance():
     theta = torch.tensor([0.8, 0.4, 0.6, 0.5])
     table = _table(net, x, y)
     expected = estimator_mean(table, theta, theta)
-    set_thetas(net, theta)
-    results = {}
-    for per_example in (True, False):
-        for g in net.gates():
-            g.mode, g.explore, g.per_example = "sample", EXPLORE, per_example
-        torch.manual_seed(2)
-        samples = []
-        for _ in range(2000):
-            net.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            samples.append(torch.cat([g.trapezoid_grad() for g in net.gates()]))
-        results[per_example] = torch.stack(samples)
+    results = {pe: _draw_estimates(net, x, y, theta, pe, draws=2000, seed=2) for pe in (True, False)}
     per_ex = results[True]
     stderr = per_ex.std(0) / len(per_ex) ** 0.5
     assert torch.all((per_ex.mean(0) - expected).abs() < 4 * stderr + 1e-4)
