@@ -106,21 +106,12 @@ class PruneConfig:
 
 
 @dataclass
-class TrackingConfig:
-    mlflow: bool = False
-    """log the run to MLflow (tracking issue); off by default in the core"""
-    uri: str | None = None
-    experiment: str = "cap"
-
-
-@dataclass
 class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -269,13 +260,3 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

@@ -92,9 +92,12 @@ def peer_run(config: str, overrides: list[str], target: float, prune_at: float, 
 
 
 def row(name: str, s: dict, dense: dict) -> str:
-    undecided = s.get("theta_undecided_at_harden")
-    undecided = "-" if undecided is None and "theta_undecided" not in s else (
-        f"{undecided} -> {s['theta_undecided']}" if undecided is not None else str(s["theta_undecided"]))
+    if "theta_undecided" not in s:
+        undecided = "-"
+    elif s.get("theta_undecided_at_harden") is None:
+        undecided = str(s["theta_undecided"])
+    else:
+        undecided = f"{s['theta_undecided_at_harden']} -> {s['theta_undecided']}"
     blocks = f"{s['layers_kept']}/{s['layers_total']}" if "layers_kept" in s else "-"
     units = f"{s['units_kept']}/{s['units_total']}" if "units_kept" in s else "-"
     mac_cut, param_cut = 1 - s["macs_final"] / s["macs_dense"], 1 - s["params_final"] / s["params_dense"]
