@@ -66,6 +66,14 @@ class TrainConfig:
     """cap on training steps per epoch (quick runs); None trains on the whole set"""
     progress: bool = True
     """a tqdm progress bar per epoch"""
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    """mixed precision: autocast to bf16 or fp16 (fp16 with a gradient scaler); off by default"""
+    channels_last: bool = False
+    """NHWC memory format for model and inputs (faster convolutions with AMP on tensor-core GPUs)"""
+    grad_clip: float | None = None
+    """clip the global gradient norm of the weights to this value (None: no clipping)"""
+    checkpoint: bool = True
+    """write checkpoints/last.pt every epoch and on SIGTERM/SIGUSR1 (rank 0)"""
 
 
 @dataclass
@@ -106,12 +114,26 @@ class PruneConfig:
 
 
 @dataclass
+class TrackingConfig:
+    enabled: bool = True
+    """log the run to MLflow (rank 0 only)"""
+    uri: str | None = None
+    """MLflow tracking URI; None: an embedded sqlite store, sqlite:///<working dir>/mlflow.db"""
+    experiment: str = "cap"
+    run_name: str | None = None
+    """MLflow run name (default: the run folder's name)"""
+    timeout: float = 10.0
+    """seconds a request to a tracking server may take before the run goes on without it"""
+
+
+@dataclass
 class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -204,6 +226,9 @@ def _check_ranges(cfg: Config) -> None:
     need(all(0 < m < 1 for m in t.milestones), "train.milestones", "fractions in (0, 1)", t.milestones)
     need(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch",
          "null or >= 1", t.max_steps_per_epoch)
+    need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "null or > 0", t.grad_clip)
+    need(cfg.tracking.timeout > 0, "tracking.timeout", "> 0", cfg.tracking.timeout)
+    need(bool(cfg.tracking.experiment), "tracking.experiment", "a non-empty name", cfg.tracking.experiment)
     need(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
     need(d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1", d.eval_batch_size)
     need(d.train_subset is None or d.train_subset >= 1, "data.train_subset", "null or >= 1", d.train_subset)
