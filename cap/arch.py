@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cap.models import create_model
+from cap.pruning import RemovalPlan
 from cap.surgery import remove_block, remove_units
 
 
@@ -24,14 +25,18 @@ def architecture(model: nn.Module, name: str, kwargs: dict) -> dict:
     return {"name": name, "kwargs": dict(kwargs), "blocks": blocks}
 
 
-def build_from_architecture(spec: dict) -> nn.Module:
-    model = create_model(spec["name"], **spec["kwargs"])
+def removal_plan_for(model: nn.Module, spec: dict) -> RemovalPlan:
+    """The removals that turn the dense `model` into the architecture `spec` (validated against it)."""
     slots = list(model.block_slots())
     if len(slots) != len(spec["blocks"]):
         raise ValueError(f"architecture lists {len(spec['blocks'])} blocks, model '{spec['name']}' has {len(slots)}")
+    plan = RemovalPlan()
     for (_, _, block), entry in zip(slots, spec["blocks"], strict=True):
+        if block.is_removed:
+            raise ValueError("removal_plan_for needs the dense model; block "
+                             f"{entry['stage']}.{entry['index']} is already removed")
         if entry["removed"]:
-            remove_block(model, block)
+            plan.blocks.append((block, "restored"))
             continue
         gates = block.unit_gates()
         if len(entry["widths"]) != len(gates):
@@ -41,5 +46,15 @@ def build_from_architecture(spec: dict) -> nn.Module:
             if not 1 <= width <= gate.size:
                 raise ValueError(f"block {entry['stage']}.{entry['index']}: width {width} outside 1..{gate.size}")
             if width < gate.size:
-                remove_units(block, gate, torch.arange(width))
+                plan.units.append((block, gate, torch.arange(width)))
+    return plan
+
+
+def build_from_architecture(spec: dict) -> nn.Module:
+    model = create_model(spec["name"], **spec["kwargs"])
+    plan = removal_plan_for(model, spec)
+    for block, gate, keep in plan.units:
+        remove_units(block, gate, keep)
+    for block, _ in plan.blocks:
+        remove_block(model, block)
     return model

@@ -1,23 +1,53 @@
-"""`cap` command line: `cap train --config FILE [--out DIR] [key=value ...]`."""
+"""`cap` command line.
+
+    cap train --config FILE [--out DIR] [key=value ...]     a run (under torchrun: one rank of a DDP job)
+    cap train --resume RUN_DIR                              continue a run from its newest good checkpoint
+    cap sync RUN_DIR                                        send tracking records kept while a server was away
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from cap.config import ConfigError, load_config
 
+EXIT_PREEMPTED = 75
+"""EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint; run again with --resume"""
+
 
 def _train(args: argparse.Namespace) -> int:
+    from cap.checkpoint import CheckpointError
     from cap.data import DataError
-    from cap.trainer import run
+    from cap.distributed import RankMismatchError
+    from cap.trainer import Preempted, resume, run
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        run(cfg, args.out)
-    except (ConfigError, DataError) as exc:
+        if args.resume is not None:
+            if args.config is not None or args.out is not None or args.overrides:
+                raise ConfigError("--resume continues a run with the configuration it was started with; "
+                                  "--config, --out and key=value overrides cannot be combined with it")
+            resume(args.resume)
+        else:
+            run(load_config(args.config, args.overrides), args.out)
+    except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RankMismatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Preempted as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_PREEMPTED
+    return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from cap.tracking import sync_pending
+
+    sent = sync_pending(Path(args.run_dir))
+    print(f"sent {sent} pending tracking operations from {args.run_dir}")
     return 0
 
 
@@ -30,10 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a gated ResNet; units and blocks whose gates reach 0 are removed during training. "
                     "Writes config.yaml, summary.json, history.json and model.pt to the run folder.")
     train.add_argument("--config", help="experiment YAML (keys: see docs/config.md); defaults apply without it")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR from its newest good checkpoint (same process count)")
     train.add_argument("--out", help="run folder (default: runs/<time>-<model>-<data>-tau<tau>)")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, e.g. prune.tau=0.5 prune.alpha=1 train.epochs=4 seed=1")
     train.set_defaults(func=_train)
+    sync = sub.add_parser("sync", help="send tracking records that a run kept while its MLflow server was away",
+                          description="Replays RUN_DIR/tracking_pending.jsonl to the run's MLflow server.")
+    sync.add_argument("run_dir", metavar="RUN_DIR")
+    sync.set_defaults(func=_sync)
     return parser
 
 

@@ -32,6 +32,11 @@ class Gate(nn.Module):
         self.active = True  # False: frozen at theta = 1 (an ablation switched this kind off)
         self.explore = 0.05
         self.per_example = True
+        # Shared gate RNG: under data parallelism every rank holds the same generator and draws the
+        # gates of the whole global batch, keeping its own slice (rank, world_size); the ranks then
+        # train one consistent sample of networks and their generators never drift apart.
+        self.generator: torch.Generator | None = None
+        self.shard: tuple[int, int] = (0, 1)
         self.xi: Tensor | None = None
         self.p_on: Tensor | None = None
 
@@ -51,10 +56,16 @@ class Gate(nn.Module):
         # Sampling from the clamped probability keeps both outcomes observable at theta in {0, 1},
         # so the reweighted estimator below stays exact there (no pull-down of kept gates).
         p_on = self.theta.clamp(self.explore, 1.0 - self.explore)
+        rank, world = self.shard
         rows = x.shape[0] if self.per_example else 1
-        xi = torch.bernoulli(p_on.expand(rows, self.size)).to(x.dtype).requires_grad_(True)
+        draws = torch.bernoulli(p_on.expand(rows * world if self.per_example else 1, self.size),
+                                generator=self.generator)
+        if self.per_example and world > 1:
+            draws = draws[rank * rows:(rank + 1) * rows]
+        # xi stays float32 under autocast so that dL/dxi, the estimator's input, keeps full precision
+        xi = draws.requires_grad_(True)
         self.xi, self.p_on = xi, p_on
-        return x * self._broadcast(xi, x)
+        return x * self._broadcast(xi, x).to(x.dtype)
 
     def _broadcast(self, xi: Tensor, x: Tensor) -> Tensor:
         rows = xi.shape[0] if xi.dim() == 2 else 1

@@ -12,10 +12,12 @@ It imports nothing from the trainer, tracking, sweeps or launchers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from cap.arch import removal_plan_for
 from cap.complexity import deterministic_values, expected_cost, ones_values
 from cap.config import PruneConfig
 from cap.gates import Gate, gates_of, set_gate_mode
@@ -43,19 +45,41 @@ class PrunerState:
     events: list[PruneEvent] = field(default_factory=list)
 
 
+class RankSync(Protocol):
+    """What data parallelism asks of the pruner's peers (cap.distributed.DistContext provides it)."""
+
+    rank: int
+    world_size: int
+
+    def average(self, tensor: Tensor) -> Tensor: ...
+
+    def agree(self, what: str, digest: str) -> None: ...
+
+
 class Pruner:
-    """Drives gates, thetas, pruning checks, surgery and hardening for one gated model."""
+    """Drives gates, thetas, pruning checks, surgery and hardening for one gated model.
+
+    Under data parallelism pass `sync`: theta gradients are averaged over ranks before every theta
+    step, and every pruning decision is checked to be identical on all ranks before surgery."""
 
     def __init__(self, model: nn.Module, cfg: PruneConfig, steps_per_epoch: int, epochs: int,
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
-        self.model, self.cfg, self.optimizer = model, cfg, optimizer
+                 optimizer: torch.optim.Optimizer | None = None, sync: RankSync | None = None,
+                 seed: int = 0) -> None:
+        self.model, self.cfg, self.optimizer, self.sync = model, cfg, optimizer, sync
         self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
         self.enabled = cfg.tau > 0
         self.state = PrunerState(hardened=not self.enabled)
-        for gate in gates_of(model):
+        gates = gates_of(model)
+        device = gates[0].theta.device if gates else torch.device("cpu")
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        shard = (sync.rank, sync.world_size) if sync is not None else (0, 1)
+        for gate in gates:
             gate.explore = cfg.explore
             gate.per_example = cfg.sampling == "example"
             gate.active = self.enabled and (cfg.units if gate.kind == "unit" else cfg.layers)
+            gate.generator, gate.shard = self.generator, shard
+        self.skipped_steps = 0
         self.dense = expected_cost(model, ones_values)
         self.names = {id(b): f"stage{s + 1}.block{i + 1}" for s, i, b in model.block_slots()}
         self.layers_total = sum(1 for _ in model.blocks())
@@ -75,26 +99,58 @@ class Pruner:
     def before_forward(self) -> None:
         set_gate_mode(self.model, "sample" if self.sampling else "dense")
 
-    def after_step(self) -> list[PruneEvent]:
-        """Call after optimizer.step(): theta step, and every `check_every` steps a pruning check."""
+    def after_step(self, grad_scale: float = 1.0) -> list[PruneEvent]:
+        """Call after optimizer.step(): theta step, and every `check_every` steps a pruning check.
+
+        `grad_scale` is the loss scale of fp16 mixed precision (the gate gradients carry it too); a step
+        whose gate gradients are not finite (the scaler skipped it) leaves the thetas alone."""
         events: list[PruneEvent] = []
         if self.sampling:
-            grads = {g: gr for g in self.active_gates() if (gr := g.trapezoid_grad()) is not None}
+            grads = self._gate_grads(grad_scale)
             gammas = self.penalty.gammas()
-            self.theta_sgd.step(grads, gammas)
-            self.monitor.observe(grads)
+            if grads is None:
+                self.skipped_steps += 1
+            else:
+                self.theta_sgd.step(grads, gammas)
+                self.monitor.observe(grads)
             if (self.state.step - self.warmup_steps + 1) % self.cfg.check_every == 0:
-                events = self.apply(plan_removals(list(self.model.blocks()), self.monitor.ready(gammas)))
+                plan = plan_removals(list(self.model.blocks()), self.monitor.ready(gammas))
+                self._check_agreement(f"the pruning check at step {self.state.step}", plan)
+                events = self.apply(plan)
         for gate in gates_of(self.model):
             gate.clear()
         self.state.step += 1
         return events
 
+    def _gate_grads(self, grad_scale: float) -> dict[Gate, Tensor] | None:
+        """Trapezoid gradients of the active gates, unscaled and averaged over ranks; None if not finite."""
+        gates = self.active_gates()
+        raw = {g: g.trapezoid_grad() for g in gates}
+        if self.sync is not None and self.sync.world_size > 1:
+            # one flat all-reduce; a gate without a gradient on this rank contributes zeros
+            flat = torch.cat([raw[g] if raw[g] is not None else torch.zeros_like(g.theta) for g in gates])
+            flat = self.sync.average(flat)
+            raw = dict(zip(gates, flat.split([g.size for g in gates]), strict=True))
+        grads = {g: gr / grad_scale for g, gr in raw.items() if gr is not None}
+        if not all(bool(torch.isfinite(gr).all()) for gr in grads.values()):
+            return None
+        return grads
+
+    def _check_agreement(self, what: str, plan: RemovalPlan) -> None:
+        if self.sync is None or self.sync.world_size <= 1:
+            return
+        from cap.distributed import digest_tensors  # only needed with several ranks
+
+        description = repr([(self.names[id(b)], r) for b, r in plan.blocks] +
+                           [(self.names[id(b)], k.tolist()) for b, _, k in plan.units])
+        self.sync.agree(what, digest_tensors([g.theta for g in gates_of(self.model)], description))
+
     def active_gates(self) -> list[Gate]:
         return [g for b in self.model.blocks() for g in [b.layer_gate, *b.unit_gates()] if g.active]
 
     # ------------------------------------------------------------------ surgery
-    def apply(self, plan: RemovalPlan) -> list[PruneEvent]:
+    def apply(self, plan: RemovalPlan, record: bool = True) -> list[PruneEvent]:
+        """Carry out `plan` (units first, then blocks); `record=False` replays removals without events."""
         events = []
         for block, gate, keep in plan.units:
             removed = gate.size - len(keep)
@@ -110,8 +166,15 @@ class Pruner:
             self.names[id(removed)] = self.names[id(block)]
             self.units_of[id(removed)] = self.units_of[id(block)]
             events.append(PruneEvent(self.state.step, "block", self.names[id(block)], reason))
+        if not record:
+            return []
         self.state.events.extend(events)
         return events
+
+    def shrink_to(self, spec: dict) -> None:
+        """Replay the removals that made the architecture `spec` (cap.arch) on this pruner's dense model:
+        used by resume, so costs, names and step sizes stay those of the dense start."""
+        self.apply(removal_plan_for(self.model, spec), record=False)
 
     # ------------------------------------------------------------------ per epoch
     def structure(self) -> tuple:
@@ -147,13 +210,50 @@ class Pruner:
         """Fix the deterministic network: theta < 0.5 removed, the rest set to 1 and ungated."""
         self.state.undecided_at_harden = self.undecided()
         remove = {g: ~g.keep_mask() for g in self.active_gates()}
-        events = self.apply(plan_removals(list(self.model.blocks()), remove))
+        plan = plan_removals(list(self.model.blocks()), remove)
+        self._check_agreement(f"hardening at step {self.state.step}", plan)
+        events = self.apply(plan)
         for gate in gates_of(self.model):
             gate.theta.fill_(1.0)
             gate.active = False
         self.state.hardened, self.state.harden_step = True, self.state.step
         set_gate_mode(self.model, "dense")
         return events
+
+    # ------------------------------------------------------------------ checkpointing
+    def _gate_names(self) -> dict[Gate, str]:
+        return {m: name for name, m in self.model.named_modules() if isinstance(m, Gate)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything beyond the model's state_dict (which holds the thetas) that the next steps depend on."""
+        names = self._gate_names()
+        state = dict(vars(self.state))
+        state["events"] = [dict(vars(e)) for e in self.state.events]
+        out: dict[str, Any] = {"state": state, "generator": self.generator.get_state(),
+                               "skipped_steps": self.skipped_steps}
+        if self.enabled:
+            m = self.monitor
+            out["monitor"] = {"grad_sum": {names[g]: t for g, t in m.grad_sum.items()},
+                              "count": {names[g]: c for g, c in m.count.items()},
+                              "streak": {names[g]: t for g, t in m.streak.items()}}
+        return out
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore after `shrink_to` and model.load_state_dict (the thetas come with the model)."""
+        state = dict(saved["state"])
+        state["events"] = [PruneEvent(**e) for e in state["events"]]
+        self.state = PrunerState(**state)
+        self.generator.set_state(saved["generator"])
+        self.skipped_steps = saved["skipped_steps"]
+        if self.enabled:
+            by_name = {name: g for g, name in self._gate_names().items()}
+            m = self.monitor
+            m.grad_sum = {by_name[n]: t for n, t in saved["monitor"]["grad_sum"].items()}
+            m.count = {by_name[n]: c for n, c in saved["monitor"]["count"].items()}
+            m.streak = {by_name[n]: t for n, t in saved["monitor"]["streak"].items()}
+        if self.state.hardened:
+            for gate in gates_of(self.model):
+                gate.active = False
 
     # ------------------------------------------------------------------ evaluation and reporting
     def deterministic(self) -> None:
@@ -170,6 +270,19 @@ class Pruner:
             units = 0 if off else sum(int(deterministic_values(g).sum()) for g in block.unit_gates())
             of = self.units_of[id(block)]
             out.append({"name": self.names[id(block)], "kept": not off, "units": units, "of": of})
+        return out
+
+    def theta_summary(self) -> dict[str, dict[str, float] | None]:
+        """Per block position: its layer theta, mean unit theta and kept fraction (None once removed)."""
+        out: dict[str, dict[str, float] | None] = {}
+        for _, _, block in self.model.block_slots():
+            if block.is_removed:
+                out[self.names[id(block)]] = None
+                continue
+            units = torch.cat([g.theta for g in block.unit_gates()])
+            out[self.names[id(block)]] = {"layer": float(block.layer_gate.theta[0]),
+                                          "units_mean": float(units.mean()),
+                                          "units_kept_frac": float((units >= 0.5).float().mean())}
         return out
 
     def stats(self) -> dict:

@@ -12,15 +12,15 @@ from cap.data.tensor_loader import TensorLoader, in_memory_bundle
 __all__ = ["Batch", "Batches", "DataBundle", "DataError", "TensorLoader", "build_data"]
 
 
-def build_data(cfg: DataConfig, seed: int) -> DataBundle:
+def build_data(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Load `cfg.name`, draw the seeded subsets and wrap the splits in loaders.
 
     Small sets are held in memory and batched in-process; ImageNet folders stream through DataLoader
-    workers."""
+    workers. With world_size > 1, training and test batches are rank `rank`'s shard."""
     if cfg.name == "imagenet":
-        return build_imagenet(cfg, seed)
+        return build_imagenet(cfg, seed, rank, world_size)
     if cfg.name in ("cifar10", "cifar100"):
         data = load_cifar(cfg.name, cfg.root)
     else:
         data = load_idx(cfg.name, cfg.root)
-    return in_memory_bundle(cfg.name, data, cfg, seed)
+    return in_memory_bundle(cfg.name, data, cfg, seed, rank, world_size)

@@ -74,7 +74,42 @@ def subset_indices(total: int, size: int | None, seed: int, which: str) -> Tenso
     return torch.randperm(total, generator=gen)[:size].sort().values
 
 
-def cycle_batches(loader: Iterable[Batch], n_batches: int) -> Iterator[Batch]:
-    """n_batches from `loader`, starting a new pass whenever one ends (BatchNorm calibration may ask for more
-    batches than a small training set has)."""
-    return itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), n_batches)
+def shard_indices(order: Tensor, rank: int, world_size: int, even: bool) -> Tensor:
+    """This rank's share of `order`: every world_size-th index from `rank`.
+
+    even=True (training) first repeats indices from the start until the length is a multiple of
+    world_size, like torch's DistributedSampler, so every rank takes the same number of equally sized
+    steps (DDP and the shared gate generator need that); at most world_size - 1 samples are seen twice
+    per epoch. even=False (evaluation) splits without repeats, so each sample counts exactly once."""
+    if world_size == 1:
+        return order
+    if even:
+        total = -(-len(order) // world_size) * world_size
+        reps = -(-total // len(order))
+        order = order.repeat(reps)[:total]
+    return order[rank::world_size]
+
+
+class CycleBatches:
+    """calib(n): n batches from `loader`, starting a new pass whenever one ends (BatchNorm calibration may ask
+    for more batches than a small training set has). The loader's pass counter, if it has one, is part of
+    a run's resumable state (see loader_positions)."""
+
+    def __init__(self, loader: Iterable[Batch]) -> None:
+        self.loader = loader
+
+    def __call__(self, n_batches: int) -> Iterator[Batch]:
+        return itertools.islice(itertools.chain.from_iterable(itertools.repeat(self.loader)), n_batches)
+
+
+def loader_positions(bundle: DataBundle) -> dict[str, int | None]:
+    """The pass counters of the training and calibration loaders (None where a loader keeps none)."""
+    calib = getattr(bundle.calib, "loader", None)
+    return {"train": getattr(bundle.train, "epoch", None), "calib": getattr(calib, "epoch", None)}
+
+
+def restore_loader_positions(bundle: DataBundle, positions: dict[str, int | None]) -> None:
+    for loader, value in ((bundle.train, positions.get("train")),
+                          (getattr(bundle.calib, "loader", None), positions.get("calib"))):
+        if value is not None and hasattr(loader, "epoch"):
+            loader.epoch = value

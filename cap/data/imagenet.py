@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets, transforms
 
 from cap.config import DataConfig
-from cap.data.bundle import DataBundle, DataError, cycle_batches, derive_seed, subset_indices
+from cap.data.bundle import CycleBatches, DataBundle, DataError, derive_seed, shard_indices, subset_indices
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -61,11 +62,54 @@ def _pick(dataset: datasets.ImageFolder, idx: torch.Tensor | None) -> Dataset:
     return dataset if idx is None else Subset(dataset, idx.tolist())
 
 
-def build_imagenet(cfg: DataConfig, seed: int) -> DataBundle:
-    """Training, validation and calibration loaders over root/train and root/val.
+class ShardSampler(Sampler[int]):
+    """DistributedSampler's job with resumable positions: a (seed, epoch)-seeded order shared by all ranks,
+    this rank's shard of it (cap.data.bundle.shard_indices), minus `skip` leading samples."""
 
-    Shuffling and the workers' augmentation seeds come from a generator seeded by `seed`; with workers=0
-    the augmentation draws from torch's global generator instead."""
+    def __init__(self, size: int, *, shuffle: bool, seed: int, rank: int, world_size: int, even: bool) -> None:
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world_size, self.even = rank, world_size, even
+        self.epoch, self.skip = 0, 0
+
+    def _indices(self) -> torch.Tensor:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(
+                derive_seed(self.seed, "epoch", self.epoch)))
+        else:
+            order = torch.arange(self.size)
+        return shard_indices(order, self.rank, self.world_size, self.even)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.skip:].tolist())
+
+    def __len__(self) -> int:
+        return len(self._indices()) - self.skip
+
+
+class ShardedLoader:
+    """A DataLoader over a ShardSampler with the TensorLoader's resumable interface (`epoch`, `start_batch`)."""
+
+    def __init__(self, loader: DataLoader, sampler: ShardSampler) -> None:
+        self.loader, self.sampler = loader, sampler
+        self.dataset = loader.dataset
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        self.sampler.skip = 0
+        return -(-len(self.sampler) // self.loader.batch_size)
+
+    def __iter__(self) -> Iterator:
+        self.sampler.epoch, self.sampler.skip = self.epoch, self.start_batch * self.loader.batch_size
+        self.epoch, self.start_batch = self.epoch + 1, 0
+        return iter(self.loader)
+
+
+def build_imagenet(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """Training, validation and calibration loaders over root/train and root/val, training and validation
+    sharded over the ranks (validation without repeats: every image counts once).
+
+    Shuffling comes from (seed, epoch); the workers' augmentation seeds from a generator seeded by `seed`
+    (with workers=0 the augmentation draws from torch's global generator instead)."""
     if cfg.root is None:
         raise DataError("data.name=imagenet needs data.root: a folder with train/<class>/* and val/<class>/*")
     root = Path(cfg.root)
@@ -87,13 +131,18 @@ def build_imagenet(cfg: DataConfig, seed: int) -> DataBundle:
 
     train_idx = subset_indices(len(train_set), cfg.train_subset, seed, "train")
     test_set = _pick(val_set, subset_indices(len(val_set), cfg.test_subset, seed, "test"))
-    loader = functools.partial(DataLoader, num_workers=cfg.workers, pin_memory=torch.cuda.is_available())
-    train = loader(_pick(train_set, train_idx), batch_size=cfg.batch_size, shuffle=True,
-                   persistent_workers=cfg.workers > 0,
-                   generator=torch.Generator().manual_seed(derive_seed(seed, "train")))
-    test = loader(test_set, batch_size=cfg.eval_batch_size, persistent_workers=cfg.workers > 0)
+    loader = functools.partial(DataLoader, num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
+                               persistent_workers=cfg.workers > 0)
+    train_part = _pick(train_set, train_idx)
+    shards = functools.partial(ShardSampler, rank=rank, world_size=world_size)
+    train_sampler = shards(len(train_part), shuffle=True, seed=derive_seed(seed, "train"), even=True)
+    train = ShardedLoader(loader(train_part, batch_size=cfg.batch_size, sampler=train_sampler,
+                                 generator=torch.Generator().manual_seed(derive_seed(seed, "train", rank))),
+                          train_sampler)
+    test_sampler = shards(len(test_set), shuffle=False, seed=0, even=False)
+    test = ShardedLoader(loader(test_set, batch_size=cfg.eval_batch_size, sampler=test_sampler), test_sampler)
     calib = loader(_pick(calib_set, train_idx), batch_size=cfg.batch_size, shuffle=True,
                    generator=torch.Generator().manual_seed(derive_seed(seed, "calib")))
-    return DataBundle(train=train, test=test, calib=functools.partial(cycle_batches, calib), in_channels=3,
-                      num_classes=len(train_classes), input_size=size, train_size=len(train.dataset),
+    return DataBundle(train=train, test=test, calib=CycleBatches(calib), in_channels=3,
+                      num_classes=len(train_classes), input_size=size, train_size=len(train_part),
                       test_size=len(test_set), name="imagenet")

@@ -1,0 +1,126 @@
+"""Atomic, checksummed checkpoints, and the signals that ask for one.
+
+File layout: b"CAPCKPT1\\n" + sha256 hex of the payload + b"\\n" + the torch.save payload. A write goes
+to a temporary file that is fsynced, then the previous `last.pt` becomes `prev.pt` and the temporary
+file becomes `last.pt` (both renames atomic), so at every moment a complete checkpoint exists.
+Loading verifies the checksum before unpickling (weights_only=True: tensors and plain containers
+only) and falls back to `prev.pt` when `last.pt` is truncated or corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MAGIC = b"CAPCKPT1\n"
+LAST, PREV = "last.pt", "prev.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt or does not fit the run; the message names the file."""
+
+
+def save_checkpoint(payload: dict[str, Any], directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest().encode()
+    tmp = directory / f".{LAST}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(MAGIC + digest + b"\n" + data)
+        f.flush()
+        os.fsync(f.fileno())
+    last = directory / LAST
+    if last.exists():
+        os.replace(last, directory / PREV)
+    os.replace(tmp, last)
+    _fsync_dir(directory)
+    return last
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The payload of one checkpoint file, after checking its header and checksum."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+    header_end = len(MAGIC) + 64 + 1
+    if not raw.startswith(MAGIC) or len(raw) < header_end:
+        raise CheckpointError(f"checkpoint {path} is not a cap checkpoint (no '{MAGIC.decode().strip()}' header)")
+    expected = raw[len(MAGIC):header_end - 1].decode(errors="replace")
+    data = raw[header_end:]
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: sha256 of its {len(data)} payload bytes "
+                              f"is {actual[:12]}..., the header says {expected[:12]}...")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # the checksum matched, so this is a version or format problem
+        raise CheckpointError(f"checkpoint {path} passed its checksum but cannot be loaded: {exc}") from exc
+
+
+def load_latest(directory: Path, log: Callable[[str], None] = print) -> tuple[dict[str, Any], Path]:
+    """The newest good checkpoint in `directory`: last.pt, else prev.pt (with a warning)."""
+    problems = []
+    for name in (LAST, PREV):
+        path = directory / name
+        if not path.exists():
+            problems.append(f"{path} does not exist")
+            continue
+        try:
+            payload = read_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log(f"warning: {exc}; trying the previous checkpoint")
+            continue
+        if name == PREV:
+            log(f"warning: resuming from the previous checkpoint {path}")
+        return payload, path
+    raise CheckpointError(f"no usable checkpoint in {directory}: " + "; ".join(problems))
+
+
+class StopRequest:
+    """Remembers a SIGTERM/SIGUSR1 (preemption, a scheduler's time-limit warning) until training can stop
+    at a step boundary and write a checkpoint. Handlers are installed only in the main thread."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequest:
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread (e.g. a Ray worker thread): leave signals alone
+            self._previous.clear()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
