@@ -59,16 +59,22 @@ class DistContext:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
-    def agree(self, what: str, digest: str) -> None:
-        """Raise RankMismatchError on every rank unless all ranks pass the same digest."""
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
         if not self.enabled:
-            return
-        digests: list[Any] = [None] * self.world_size
-        dist.all_gather_object(digests, digest)
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def agree(self, what: str, digest: str) -> list[str]:
+        """Raise RankMismatchError on every rank unless all ranks pass the same digest; returns the digests."""
+        digests = self.gather(digest)
         if len(set(digests)) > 1:
             detail = ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests))
             raise RankMismatchError(f"ranks disagree on {what} ({detail}); training stops rather than let the "
                                     "networks on different ranks diverge")
+        return digests
 
     def broadcast_object(self, obj: Any) -> Any:
         """rank 0's `obj` on every rank."""

@@ -65,7 +65,8 @@ def plot_structure(structure: list[dict], path: Path, title: str = "") -> Path:
         prev = stage
 
     n = len(structure)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.38 * (xs[-1] + 1) + 2.0), 4.2))
+    # about 0.38 inch a bar; capped so a ResNet-110 (54 blocks) stays a readable page width
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.38 * (xs[-1] + 1) + 2.0)), 4.2))
     top = max(max(b["of"] for b in structure), 1)
     annotate = n <= 32
     for xi, block in zip(xs, structure, strict=True):
@@ -86,7 +87,7 @@ def plot_structure(structure: list[dict], path: Path, title: str = "") -> Path:
     # stage separators and labels
     for i, stage in enumerate(stages):
         members = [xi for xi, b in zip(xs, structure, strict=True) if _stage_of(b["name"]) == stage]
-        ax.text(sum(members) / len(members), 1.13 * top, stage, ha="center", va="bottom", fontsize=9,
+        ax.text(sum(members) / len(members), 1.12 * top, stage, ha="center", va="bottom", fontsize=9,
                 color=_STAGE_COLORS[i % len(_STAGE_COLORS)], fontweight="bold")
         if i:
             ax.axvline(members[0] - 1.0, color="0.5", linestyle=":", linewidth=1.0)
@@ -98,11 +99,11 @@ def plot_structure(structure: list[dict], path: Path, title: str = "") -> Path:
     ax.set_ylabel("internal units kept")
     kept = [b for b in structure if b["kept"]]
     units, dense = sum(b["units"] for b in kept), sum(b["of"] for b in structure)
-    ax.set_title(title or f"{len(kept)}/{n} blocks kept, {units}/{dense} units")
+    ax.set_title(title or f"{len(kept)}/{n} blocks kept, {units}/{dense} units", pad=24)
     ax.legend(handles=[Patch(facecolor=_STAGE_COLORS[0], label="units kept"),
                        Patch(fill=False, edgecolor="0.65", label="dense"),
                        Patch(facecolor="0.88", hatch="xx", edgecolor="0.45", label="block removed")],
-              loc="upper right", fontsize=7, framealpha=0.9)
+              loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=7, frameon=False)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -172,7 +173,8 @@ def plot_theta_trajectory(trajectory: list[dict], path: Path, title: str = "") -
     handles = [Line2D([], [], color=plt.get_cmap(_STAGE_CMAPS[i % len(_STAGE_CMAPS)])(0.7), label=s)
                for i, s in enumerate(stages)]
     handles.append(Line2D([], [], color="0.3", marker="x", linestyle="none", mew=2, label="block removed"))
-    ax_layer.legend(handles=handles, fontsize=7, loc="lower left", ncol=len(handles))
-    ax_layer.set_title(title or f"gate thetas of {len(names)} blocks")
+    ax_layer.legend(handles=handles, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                    ncol=min(len(handles), 7), frameon=False)
+    ax_layer.set_title(title or f"gate thetas of {len(names)} blocks", pad=22)
     fig.tight_layout()
     return _save(fig, path)

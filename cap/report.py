@@ -31,6 +31,7 @@ def build_summary(training: Training, peak_memory_mb: float) -> dict[str, Any]:
         "theta_steps_skipped": pruner.skipped_steps,
         "prune_events": [vars(e) for e in pruner.state.events],
         "mlflow_run_id": training.tracking_run_id,
+        "final_weights_sha256_per_rank": training.rank_digests,
     }
 
 

@@ -129,11 +129,16 @@ def _http_settings(timeout: float) -> Iterator[None]:
     call), so one attempt per call is enough. mlflow reads these variables on every request, so they
     are set around our calls only; values the user set explicitly are left as they are. mlflow parses
     them as integers, hence the ceil.
+
+    Also keeps MlflowClient.set_terminated from writing "View run" links (with emojis) straight to
+    sys.stdout before it ends the run: that bypasses `log`, and on a stdout that cannot encode them
+    the run would never be ended. `Tracker.finish` logs the link instead.
     """
     ours = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout))),
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     }
     added = [name for name in ours if name not in os.environ]
     for name in added:
@@ -256,8 +261,6 @@ class _Channel:
 
     def __init__(self, run_dir: Path, state: dict, timeout: float, log: Log, state_file: Path | None = None,
                  pending_file: Path | None = None, during_training: bool = True) -> None:
-        from mlflow.tracking import MlflowClient
-
         self.run_dir = run_dir
         self.state = state
         self.timeout = timeout
@@ -266,8 +269,17 @@ class _Channel:
         self.pending_file = pending_file or run_dir / PENDING_FILE
         self.rejected_file = run_dir / REJECTED_FILE
         self.during_training = during_training
-        self.client = MlflowClient(state["uri"])
+        self._client: Any = None
         self.down = False  # inside an outage: warned already, say so when it ends
+
+    @property
+    def client(self) -> Any:
+        """Made on first use, inside the error handling: opening a sqlite store can fail (locked, unwritable)."""
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.state["uri"])
+        return self._client
 
     @property
     def uri(self) -> str:
@@ -319,7 +331,9 @@ class _Channel:
 
     def _run_id(self) -> str:
         if self.state.get("run_id") is None:  # `cap sync` in another process may have created it
-            self.state = _read_json(self.state_file) or self.state
+            on_disk = _read_json(self.state_file) or {}
+            if on_disk.get("local_id") == self.state.get("local_id") and on_disk.get("run_id"):
+                self.state.update(run_id=on_disk["run_id"], experiment_id=on_disk.get("experiment_id"))
         if self.state.get("run_id") is None:
             raise _Unsendable(f"{self.pending_file}: the run was never created (its create_run operation is gone)")
         return self.state["run_id"]
@@ -339,8 +353,8 @@ class _Channel:
         """Send `op` (after what is pending), or keep it on disk; never raises for the store's problems."""
         with _locked(self.run_dir):
             if self.pending_file.exists():
-                self._append(op)
-                self._flush()
+                self._append(op)  # behind what waits, so the order on the server is the order of the calls
+                self._flush(current=1)
                 return
             try:
                 self.send(op)
@@ -360,7 +374,8 @@ class _Channel:
         with _locked(self.run_dir):
             return self._flush()
 
-    def _flush(self) -> int:
+    def _flush(self, current: int = 0) -> int:
+        """`current`: the last op is the caller's own, not counted as pending in the message."""
         ops = _read_ops(self.pending_file)
         sent = 0
         for i, op in enumerate(ops):
@@ -371,15 +386,17 @@ class _Channel:
                     self._reject(op, exc)
                     _write_ops(self.pending_file, ops[i + 1:])
                     continue
-                _write_ops(self.pending_file, ops[i:])
+                if i:  # else nothing left the queue: no rewrite on every call of an outage
+                    _write_ops(self.pending_file, ops[i:])
                 self._went_down(exc)
                 return sent
             sent += 1
             _write_ops(self.pending_file, ops[i + 1:])  # progress on disk: a crash resends at most one op
         self.pending_file.unlink(missing_ok=True)
         if ops and (self.down or sent):
-            self.log(f"tracking server {self.uri} reachable again: sent {sent} pending operation"
-                     f"{'s' if sent != 1 else ''} from {self.pending_file}")
+            n = max(sent - current, 0)
+            self.log(f"tracking server {self.uri} reachable again: sent {n} pending operation"
+                     f"{'s' if n != 1 else ''} from {self.pending_file}")
         self.down = False
         return sent
 
@@ -451,6 +468,9 @@ class Tracker:
     @property
     def run_id(self) -> str:
         state = self._channel.state
+        if not state.get("run_id"):
+            with contextlib.suppress(_Unsendable):
+                self._channel._run_id()  # `cap sync` in another process may have created it meanwhile
         return state.get("run_id") or state["local_id"]
 
     @property
@@ -493,11 +513,17 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run (FINISHED, FAILED or KILLED) after a last attempt to send what is pending."""
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"finish: status {status!r}, expected FINISHED, FAILED or KILLED")
         if self._finished:
             return
         self._finished = True
         self._channel.submit({"op": "terminate", "status": status, "end_time": _now_ms()})
         n = len(_read_ops(self._channel.pending_file))
+        state = self._channel.state
+        if not n and self.uri.startswith(("http://", "https://")) and state.get("experiment_id"):
+            self._channel.log(f"MLflow run {state['run_id']} ended {status}: {self.uri.rstrip('/')}/#/experiments/"
+                              f"{state['experiment_id']}/runs/{state['run_id']}")
         if n:
             self._channel.log(f"warning: {n} tracking operation{'s' if n != 1 else ''} (including the end of the "
                               f"run) could not be sent to {self.uri}; they are kept in {self._channel.pending_file}: "
@@ -576,12 +602,12 @@ def open_tracker(cfg: TrackingConfig, run_dir: Path, resume_run_id: str | None =
 
 
 def _queues(run_dir: Path) -> list[tuple[Path, Path]]:
-    """(state file, pending file) pairs of a run folder: this run's, then any set aside."""
-    pairs = [(run_dir / STATE_FILE, run_dir / PENDING_FILE)]
-    for pending in sorted(run_dir.glob("tracking_pending.*.jsonl")):
+    """(state file, pending file) pairs of a run folder: earlier runs set aside (oldest first), then its own."""
+    pairs = []
+    for pending in sorted(run_dir.glob("tracking_pending.*.jsonl"), key=lambda p: p.stat().st_mtime):
         tag = pending.name[len("tracking_pending."):-len(".jsonl")]
         pairs.append((run_dir / f"tracking.{tag}.json", pending))
-    return pairs
+    return pairs + [(run_dir / STATE_FILE, run_dir / PENDING_FILE)]
 
 
 def sync_pending(run_dir: Path, log: Log = print, timeout: float = DEFAULT_TIMEOUT) -> int:

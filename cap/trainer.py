@@ -9,6 +9,7 @@ checkpoint; on one process the result is bit-identical to a run that was never s
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import resource
@@ -32,11 +33,12 @@ from cap.checkpoint import CheckpointError, StopRequest, load_latest, save_check
 from cap.config import Config, build_config, to_dict
 from cap.data import build_data
 from cap.data.bundle import derive_seed, loader_positions, restore_loader_positions
-from cap.distributed import DistContext, init_distributed
+from cap.distributed import DistContext, digest_tensors, init_distributed
 from cap.models import create_model
 from cap.pruner import Pruner
 from cap.report import write_outputs
 
+_DDP_HAS_FORWARD_SYNC = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_DIR = "checkpoints"
 Log = Callable[[str], None]
@@ -164,6 +166,7 @@ class Training:
         self.history: list[dict] = []
         self.trajectory: list[dict] = []
         self.tracking_run_id: str | None = None
+        self.rank_digests: list[str] = []
         self._snapshot()
 
     # ------------------------------------------------------------------ model plumbing
@@ -176,8 +179,10 @@ class Training:
         if not self.ctx.enabled:
             return self.model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # thetas are buffers kept equal by the pruner itself; BN statistics are re-estimated before use
-        return DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+        # thetas are buffers kept equal by the pruner itself; BN statistics are re-estimated before use,
+        # so no buffer needs broadcasting each forward (torch >= 2.14 renamed the switch)
+        no_sync = {"forward_sync_buffers": False} if _DDP_HAS_FORWARD_SYNC else {"broadcast_buffers": False}
+        return DistributedDataParallel(self.model, device_ids=ids, **no_sync)
 
     def _after_surgery(self) -> None:
         self._memory_format()
@@ -330,7 +335,12 @@ def _open_tracker(cfg: Config, out_dir: Path, ctx: DistContext, resume_id: str |
 
     if not (ctx.is_main and cfg.tracking.enabled):
         return NullTracker()
-    return open_tracker(cfg.tracking, out_dir, resume_run_id=resume_id, log=log)
+    if resume_id is not None:
+        try:
+            return open_tracker(cfg.tracking, out_dir, resume_run_id=resume_id, log=log)
+        except RuntimeError as exc:  # e.g. the run was deleted from the store: training matters more
+            log(f"warning: cannot continue MLflow run {resume_id} ({exc}); logging the rest to a new run")
+    return open_tracker(cfg.tracking, out_dir, log=log)
 
 
 def _train(cfg: Config, out_dir: Path | None, log: Log, resume_dir: Path | None = None) -> dict:
@@ -381,12 +391,19 @@ def _train(cfg: Config, out_dir: Path | None, log: Log, resume_dir: Path | None 
                 if ctx.any(stop.requested, device) and training.epoch < t.epochs:
                     raise Preempted(run_dir, stop.signal_name or "a signal on another rank", training.epoch - 1,
                                     training.steps)
+        # the ranks must end with the same network; the digests go into the summary as evidence
+        weights = list(training.model.state_dict().values())
+        training.rank_digests = ctx.agree("the final weights", digest_tensors(weights))
         summary = write_outputs(training, peak_memory_mb(device), tracker) if ctx.is_main else {}
         tracker.finish()
         ctx.barrier()
         return summary
     except Preempted:
         raise  # the MLflow run stays open: the resumed job continues it
+    except KeyboardInterrupt:
+        if tracker is not None:
+            tracker.finish("KILLED")
+        raise
     except BaseException:
         if tracker is not None:
             tracker.finish("FAILED")

@@ -18,7 +18,7 @@ def smoke(tmp_path_factory, *overrides):
     key = tuple(overrides)
     if key not in _CACHE:
         out = tmp_path_factory.mktemp("run")
-        cfg = load_config("configs/smoke.yaml", ["train.progress=false", *overrides])
+        cfg = load_config("configs/smoke.yaml", ["train.progress=false", "tracking.enabled=false", *overrides])
         summary = run(cfg, out, log=lambda *_: None)
         _CACHE[key] = (summary, out)
     return _CACHE[key]
