@@ -370,7 +370,7 @@ def _train(cfg: Config, out_dir: Path | None, log: Log, resume_dir: Path | None 
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         tracker = _open_tracker(cfg, run_dir, ctx, training.tracking_run_id, log)
-        if training.tracking_run_id is None and tracker.run_id is not None:
+        if tracker.run_id is not None and tracker.run_id != training.tracking_run_id:  # a new MLflow run
             from cap.tracking import flatten
 
             tracker.log_params({**flatten(to_dict(cfg)), "world_size": ctx.world_size,

@@ -1,0 +1,173 @@
+"""Checkpoints and resume: atomic checksummed files, fallback to the previous one, and resumed runs that
+are bit-identical to uninterrupted ones (single process, fixed seed), also after surgery shrank the net."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cap.arch import build_from_architecture
+from cap.checkpoint import CheckpointError, load_latest, read_checkpoint, save_checkpoint
+from cap.config import load_config
+from cap.models import create_model
+from cap.trainer import Preempted, resume, run
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = ["train.epochs=3", "train.progress=false", "tracking.enabled=false"]
+
+
+# ---------------------------------------------------------------------------- checkpoint files
+def test_checkpoint_round_trip_and_rotation(tmp_path):
+    save_checkpoint({"a": torch.arange(3), "epoch": 1}, tmp_path)
+    save_checkpoint({"a": torch.arange(4), "epoch": 2}, tmp_path)
+    payload, path = load_latest(tmp_path)
+    assert path.name == "last.pt" and payload["epoch"] == 2 and torch.equal(payload["a"], torch.arange(4))
+    assert read_checkpoint(tmp_path / "prev.pt")["epoch"] == 1, "the previous good checkpoint is kept"
+    assert not list(tmp_path.glob(".*tmp*")), "no temporary file is left behind"
+
+
+def test_truncated_checkpoint_falls_back_to_previous(tmp_path):
+    save_checkpoint({"epoch": 1}, tmp_path)
+    save_checkpoint({"epoch": 2, "w": torch.randn(1000)}, tmp_path)
+    last = tmp_path / "last.pt"
+    last.write_bytes(last.read_bytes()[:-100])
+    warnings: list[str] = []
+    payload, path = load_latest(tmp_path, warnings.append)
+    assert payload["epoch"] == 1 and path.name == "prev.pt"
+    assert any("truncated or corrupt" in w and "last.pt" in w for w in warnings)
+
+
+def test_corrupt_checkpoints_give_a_clear_error(tmp_path):
+    save_checkpoint({"epoch": 1}, tmp_path)
+    save_checkpoint({"epoch": 2}, tmp_path)
+    last, prev = tmp_path / "last.pt", tmp_path / "prev.pt"
+    data = bytearray(last.read_bytes())
+    data[-5] ^= 0xFF
+    last.write_bytes(bytes(data))
+    prev.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError) as err:
+        load_latest(tmp_path, lambda _: None)
+    message = str(err.value)
+    assert "no usable checkpoint" in message and "last.pt is truncated or corrupt" in message
+    assert "prev.pt is not a cap checkpoint" in message
+
+
+class Evil:
+    """Any class: a checkpoint is loaded with weights_only=True, so unpickling it must be refused."""
+
+
+def test_checkpoint_refuses_pickled_objects(tmp_path):
+    save_checkpoint({"obj": Evil()}, tmp_path)
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        read_checkpoint(tmp_path / "last.pt")
+
+
+# ---------------------------------------------------------------------------- resumed training
+_REFERENCE: dict = {}
+
+
+def reference(tmp_path_factory) -> Path:
+    """configs/smoke.yaml for 3 epochs, never interrupted."""
+    if "out" not in _REFERENCE:
+        out = tmp_path_factory.mktemp("uninterrupted")
+        run(load_config("configs/smoke.yaml", OVERRIDES), out, log=lambda _: None)
+        _REFERENCE["out"] = out
+    return _REFERENCE["out"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ma, mb = (torch.load(d / "model.pt", weights_only=True) for d in (a, b))
+    assert ma["arch"] == mb["arch"]
+    assert ma["state_dict"].keys() == mb["state_dict"].keys()
+    different = [k for k in ma["state_dict"] if not torch.equal(ma["state_dict"][k], mb["state_dict"][k])]
+    assert not different, f"weights/thetas differ after resume: {different[:5]}"
+    ha, hb = (json.loads((d / "history.json").read_text()) for d in (a, b))
+    for ra, rb in zip(ha, hb, strict=True):
+        ra.pop("epoch_seconds"), rb.pop("epoch_seconds")
+        assert ra == rb
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert sa["prune_events"] == sb["prune_events"]
+
+
+@pytest.mark.slow
+def test_stop_after_surgery_and_resume_equals_uninterrupted(tmp_path_factory):
+    ref = reference(tmp_path_factory)
+    out = tmp_path_factory.mktemp("stopped")
+
+    def stop_after_epoch_2(line: str) -> None:
+        if line.startswith("epoch 2/3"):
+            os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler's preemption sends
+
+    with pytest.raises(Preempted):
+        run(load_config("configs/smoke.yaml", OVERRIDES), out, log=stop_after_epoch_2)
+    assert not (out / "model.pt").exists()
+    checkpoint = read_checkpoint(out / "checkpoints" / "last.pt")
+    assert checkpoint["position"] == {**checkpoint["position"], "epoch": 2, "step_in_epoch": 0}
+    arch = checkpoint["arch"]
+    shrunk, dense = build_from_architecture(arch), create_model(arch["name"], **arch["kwargs"])
+    assert sum(p.numel() for p in shrunk.parameters()) < sum(p.numel() for p in dense.parameters()), \
+        "the checkpoint must hold a network that surgery already shrank"
+
+    lines: list[str] = []
+    resume(out, log=lines.append)
+    assert lines[0].startswith(f"resuming {out}") and "epoch 3, step 0" in lines[0]
+    assert_same_run(ref, out)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_cli_resume_equals_uninterrupted(tmp_path_factory):
+    ref = reference(tmp_path_factory)
+    out = tmp_path_factory.mktemp("sigterm")
+    cmd = [sys.executable, "-m", "cap", "train", "--config", "configs/smoke.yaml", "--out", str(out), *OVERRIDES]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch 1/3"):
+            time.sleep(2.0)  # well inside epoch 2
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, "".join(lines) + rest
+    assert "stopped by SIGTERM in epoch 2 after step" in rest and "--resume" in rest
+    step = read_checkpoint(out / "checkpoints" / "last.pt")["position"]["step_in_epoch"]
+    assert 0 < step < 47, f"expected a mid-epoch stop, got step {step}"
+
+    done = subprocess.run([sys.executable, "-m", "cap", "train", "--resume", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"epoch 2, step {step}" in done.stdout
+    assert_same_run(ref, out)
+
+
+def test_resume_with_only_corrupt_checkpoints_fails_clearly_and_keeps_files(tmp_path):
+    (tmp_path / "config.yaml").write_text((ROOT / "configs" / "smoke.yaml").read_text())
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    (ckpt / "last.pt").write_bytes(b"CAPCKPT1\n" + b"0" * 64 + b"\n" + b"garbage")
+    before = (ckpt / "last.pt").read_bytes()
+    done = subprocess.run([sys.executable, "-m", "cap", "train", "--resume", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "no usable checkpoint" in done.stderr and "last.pt is truncated or corrupt" in done.stderr
+    assert (ckpt / "last.pt").read_bytes() == before, "a failed resume must not touch what is saved"
+
+
+def test_resume_refuses_overrides(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "cap", "train", "--resume", str(tmp_path), "prune.tau=2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "cannot be combined" in done.stderr
+
+
+def test_resume_of_a_folder_without_checkpoints(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "cap", "train", "--resume", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no checkpoints/ folder" in done.stderr
