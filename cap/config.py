@@ -72,6 +72,9 @@ class TrainConfig:
     """NHWC memory format for model and inputs (faster convolutions with AMP on tensor-core GPUs)"""
     grad_clip: float | None = None
     """clip the global gradient norm of the weights to this value (None: no clipping)"""
+    deterministic: bool = False
+    """deterministic kernels only (torch.use_deterministic_algorithms): on a GPU, a resumed run then equals an
+    uninterrupted one bit for bit, at some speed cost; CPU training is deterministic without it"""
     checkpoint: bool = True
     """write checkpoints/last.pt every epoch and on SIGTERM/SIGUSR1 (rank 0)"""
 
@@ -151,8 +154,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it (ints become floats where floats are asked)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        if value in typing.get_args(tp):
+        if value in typing.get_args(tp) and not isinstance(value, bool):
             return value
+        # YAML reads a bare off/on as false/true; accept them where "off"/"on" is an option
+        if isinstance(value, bool) and (word := "on" if value else "off") in typing.get_args(tp):
+            return word
     elif isinstance(tp, types.UnionType) or origin is typing.Union:
         for arg in typing.get_args(tp):
             try:

@@ -248,9 +248,10 @@ class Pruner:
         if self.enabled:
             by_name = {name: g for g, name in self._gate_names().items()}
             m = self.monitor
-            m.grad_sum = {by_name[n]: t for n, t in saved["monitor"]["grad_sum"].items()}
+            # checkpoints load on the CPU; the monitor's sums live where the thetas do
+            m.grad_sum = {by_name[n]: t.to(by_name[n].theta.device) for n, t in saved["monitor"]["grad_sum"].items()}
             m.count = {by_name[n]: c for n, c in saved["monitor"]["count"].items()}
-            m.streak = {by_name[n]: t for n, t in saved["monitor"]["streak"].items()}
+            m.streak = {by_name[n]: t.to(by_name[n].theta.device) for n, t in saved["monitor"]["streak"].items()}
         if self.state.hardened:
             for gate in gates_of(self.model):
                 gate.active = False

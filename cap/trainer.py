@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import random
 import resource
 import sys
@@ -351,6 +352,10 @@ def _train(cfg: Config, out_dir: Path | None, log: Log, resume_dir: Path | None 
             return None
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     tracker = None
     try:
         payload = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cap.models.blocks import BasicBlock, Bottleneck, GatedBlock, RemovedBlock, conv_bn
@@ -29,7 +28,7 @@ class GatedResNet(nn.Module):
         for stage in self.stages:
             for block in stage:
                 x = block(x)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(x.mean((2, 3)))  # = adaptive_avg_pool2d(x, 1), whose CUDA backward is nondeterministic
 
     def blocks(self) -> Iterator[GatedBlock]:
         """The live (not removed) gated blocks, in forward order."""
