@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_block import write_block  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench_core:start -->", "<!-- bench_core:end -->"
 
@@ -132,16 +135,6 @@ def report(results: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_docs(path: Path, text: str) -> None:
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{text}\n{END}"
-    if START in doc:
-        doc = doc[: doc.index(START)] + block + doc[doc.index(END) + len(END):]
-    else:
-        doc += "\n" + block + "\n"
-    path.write_text(doc)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/fmnist_resnet20.yaml")
@@ -180,7 +173,7 @@ def main() -> None:
     text = report(results, command)
     print(text)
     if args.write_docs:
-        write_docs(args.write_docs, text)
+        write_block(args.write_docs, START, END, text)
 
 
 if __name__ == "__main__":
