@@ -53,6 +53,23 @@ def test_training_shards_are_equal_and_cover_everything(n, world):
     assert sum(len(p) for p in parts) - n < world  # at most world-1 repeats
 
 
+def test_folder_sampler_shards_and_resumes_like_the_tensor_loader():
+    from cap.data.imagenet import ShardSampler
+
+    train = [ShardSampler(11, shuffle=True, seed=3, rank=r, world_size=2, even=True) for r in range(2)]
+    for sampler in train:
+        sampler.epoch = 4
+    parts = [list(s) for s in train]
+    assert len(parts[0]) == len(parts[1]) == 6 and set(parts[0] + parts[1]) == set(range(11))
+    train[0].skip = 4  # resuming after 4 samples of this rank's epoch yields exactly the rest
+    assert list(train[0]) == parts[0][4:]
+    train[0].epoch = 5
+    train[0].skip = 0
+    assert list(train[0]) != parts[0], "a new epoch draws a new order"
+    test = [list(ShardSampler(11, shuffle=False, seed=0, rank=r, world_size=2, even=False)) for r in range(2)]
+    assert sorted(test[0] + test[1]) == list(range(11))
+
+
 # ---------------------------------------------------------------------------- pruner under gloo
 def _pruner_worker(rank: int, world: int, init_file: str, perturb: bool, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -126,11 +143,18 @@ def _check_ddp_run(out: Path, log: str) -> dict:
 
 @pytest.mark.slow
 def test_torchrun_two_processes_prunes_units_and_blocks(tmp_path):
-    out = tmp_path / "ddp"
-    proc = _torchrun(out, ["--nproc_per_node=2", f"--master_port={free_port()}"])
+    from mlflow.tracking import MlflowClient
+
+    out, uri = tmp_path / "ddp", f"sqlite:///{tmp_path}/mlflow.db"
+    proc = _torchrun(out, ["--nproc_per_node=2", f"--master_port={free_port()}"], "tracking.enabled=true",
+                     f"tracking.uri={uri}", "tracking.experiment=ddp")
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log
     summary = _check_ddp_run(out, log)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert len(runs) == 1, "only rank 0 may log"
+    assert runs[0].data.params["world_size"] == "2" and runs[0].info.run_id == summary["mlflow_run_id"]
     assert {e["kind"] for e in summary["prune_events"]} == {"units", "block"}, log
     assert summary["hardened_at_step"] is not None, "hardening under DDP (an agreement check) must have run"
     assert "2 processes (gloo)" in log

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cap.arch import build_from_architecture
-from cap.checkpoint import CheckpointError, load_latest, read_checkpoint, save_checkpoint
+from cap.checkpoint import CheckpointError, StopRequest, load_latest, read_checkpoint, save_checkpoint
 from cap.config import load_config
 from cap.models import create_model
 from cap.trainer import Preempted, resume, run
@@ -68,6 +68,16 @@ def test_checkpoint_refuses_pickled_objects(tmp_path):
     save_checkpoint({"obj": Evil()}, tmp_path)
     with pytest.raises(CheckpointError, match="cannot be loaded"):
         read_checkpoint(tmp_path / "last.pt")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_request_catches_the_signal_and_restores_handlers(sig):
+    before = signal.getsignal(sig)
+    with StopRequest() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), sig)
+        assert stop.requested and stop.signal_name == signal.Signals(sig).name
+    assert signal.getsignal(sig) == before
 
 
 # ---------------------------------------------------------------------------- resumed training

@@ -43,7 +43,7 @@ def one_run(processes: int, tau: float, out: Path) -> dict:
         cmd, env = [sys.executable, *train, "train.threads=2"], dict(os.environ)
     else:
         torchrun = str(Path(sys.executable).parent / "torchrun")
-        cmd = [torchrun, f"--nproc_per_node={processes}", f"--master_port={free_port()}", *train[1:]]
+        cmd = [torchrun, f"--nproc_per_node={processes}", f"--master_port={free_port()}", *train]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes))}
     log = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
