@@ -4,8 +4,8 @@ Recipe (the standard Torch-Pruning one, on cap's model, data, optimiser and epoc
   1. cfg from a YAML + `key=value` overrides exactly like `cap train`; data from cap.data.build_data; the
      model from cap.models.create_model with every gate in mode "dense", i.e. a plain ResNet.
   2. Train dense with cap's SGD recipe (nesterov, momentum, weight decay) on the global schedule of
-     cap.trainer.make_scheduler over ALL epochs (total steps = steps_per_epoch * epochs), reusing
-     cap.trainer.train_one_epoch, for round(prune_at * epochs) epochs.
+     cap.trainer.make_scheduler over ALL epochs (total steps = steps_per_epoch * epochs), with the trainer's
+     step (train_one_epoch below, cap's step without gates), for round(prune_at * epochs) epochs.
   3. Prune once: tp.pruner.MetaPruner (MagnitudePruner is the same class in 1.6.1) with
      tp.importance.GroupMagnitudeImportance(p=1) (group L1), global_pruning=False, one uniform
      pruning_ratio found by bisection so that the MACs land as close as they can to
@@ -62,6 +62,7 @@ import torch_pruning as tp
 import yaml
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 from cap.complexity import count_params, expected_cost
 from cap.config import Config, ConfigError, load_config, to_dict
@@ -76,7 +77,6 @@ from cap.trainer import (
     peak_memory_mb,
     pick_device,
     seed_everything,
-    train_one_epoch,
 )
 
 METHOD = "torch-pruning"
@@ -249,14 +249,27 @@ def internal_units(model: nn.Module) -> int:
     return sum(conv.out_channels for b in model.blocks() for conv, _, gate in b.stages() if gate is not None)
 
 
-class _NoPruner:
-    """Stands in for cap's Pruner in cap.trainer.train_one_epoch: plain training."""
-
-    def before_forward(self) -> None:
-        pass
-
-    def after_step(self) -> list:
-        return []
+def train_one_epoch(model: nn.Module, optimizer, scheduler, loader, device, steps: int, desc: str,
+                    progress: bool) -> dict:
+    """Plain training, the same steps as cap.trainer.Training.train_step without gates (SGD step, then the
+    per-step schedule, loss and accuracy read each step)."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for step, (images, labels) in enumerate(tqdm(loader, total=steps, desc=desc, leave=False, disable=not progress,
+                                                 file=sys.stderr)):
+        if step >= steps:
+            break
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(labels)
+        correct += int((logits.argmax(1) == labels).sum())
+        seen += len(labels)
+    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
 
 
 def run_torch_pruning(cfg: Config, target_mac_ratio: float, prune_at: float, out_dir: str | Path | None = None,
@@ -336,9 +349,8 @@ def run_torch_pruning(cfg: Config, target_mac_ratio: float, prune_at: float, out
     extra = prune_now(0) if prune_epoch == 0 else 0.0
     for epoch in range(t.epochs):
         start = time.perf_counter()
-        result = train_one_epoch(model, _NoPruner(), optimizer, scheduler, data.train, device, steps,
+        result = train_one_epoch(model, optimizer, scheduler, data.train, device, steps,
                                  f"epoch {epoch + 1}/{t.epochs}", t.progress)
-        result.pop("events")
         pruned_now = epoch + 1 == prune_epoch and prune_epoch > 0
         if pruned_now:
             extra += prune_now((epoch + 1) * steps)
