@@ -12,13 +12,13 @@ smoke: setup
 
 test: setup
 	.venv/bin/python -m pytest -q
-	.venv/bin/ruff check cap tests tools
+	.venv/bin/ruff check cap dali_pipelines tests tools
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow"
 
 lint: setup
-	.venv/bin/ruff check cap tests tools
+	.venv/bin/ruff check cap dali_pipelines tests tools
 
 bench: setup
 	.venv/bin/python tools/bench_core.py --config configs/fmnist_resnet20.yaml --taus 0.3 0.6 1.2 \

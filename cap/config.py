@@ -45,7 +45,11 @@ class DataConfig:
     image_size: int = 224
     """ImageNet only: training crop size (evaluation resizes to 256/224 of it, then centre-crops)"""
     workers: int = 2
-    """DataLoader worker processes (ImageNet folders only; in-memory sets are batched in-process)"""
+    """DataLoader worker processes (ImageNet folders; in-memory sets are batched in-process), or with
+    data.loader=dali the DALI CPU threads per process"""
+    loader: Literal["torch", "dali"] = "torch"
+    """torch: cap's in-process loader / torchvision DataLoader; dali: the dali_pipelines/ pipelines (GPU
+    decoding on a GPU, DALI's CPU mode without one)"""
 
 
 @dataclass

@@ -147,7 +147,8 @@ class Training:
     def __init__(self, cfg: Config, out_dir: Path, ctx: DistContext, device: torch.device, log: Log) -> None:
         self.cfg, self.out_dir, self.ctx, self.device, self.log = cfg, out_dir, ctx, device, log
         t = cfg.train
-        self.data = build_data(cfg.data, cfg.seed, ctx.rank, ctx.world_size)
+        self.data = build_data(cfg.data, cfg.seed, ctx.rank, ctx.world_size,
+                               device.index if device.type == "cuda" else None)
         seed_everything(cfg.seed)
         self.kwargs = model_kwargs(cfg, self.data)
         self.model = create_model(cfg.model.name, **self.kwargs).to(device)

@@ -30,6 +30,8 @@ STAMP=.venv/.cap-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   log "installing the pinned stack into .venv (torch is a large wheel: a few minutes the first time)"
   .venv/bin/pip install -q -e '.[dev,bench]'
+  # test data only: foolbox ships 20 real ImageNet JPEGs; its own dependencies are not needed
+  .venv/bin/pip install -q --no-deps foolbox==3.3.4
   touch "$STAMP"
 fi
 log "ready: $(.venv/bin/python -c 'import torch, cap; print("torch", torch.__version__, "cap", cap.__version__)')"

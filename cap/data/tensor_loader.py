@@ -144,6 +144,17 @@ class TensorLoader:
             yield x.to(torch.float32).mul_(self._scale).add_(self._shift), y
 
 
+def take_subsets(data: InMemoryData, cfg: DataConfig, seed: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """((train images, labels), (test images, labels)) after the configured seeded subsets."""
+    train_x, train_y = data.train_images, data.train_labels
+    test_x, test_y = data.test_images, data.test_labels
+    if (idx := subset_indices(train_x.shape[0], cfg.train_subset, seed, "train")) is not None:
+        train_x, train_y = train_x[idx], train_y[idx]
+    if (idx := subset_indices(test_x.shape[0], cfg.test_subset, seed, "test")) is not None:
+        test_x, test_y = test_x[idx], test_y[idx]
+    return (train_x, train_y), (test_x, test_y)
+
+
 def in_memory_bundle(name: str, data: InMemoryData, cfg: DataConfig, seed: int, rank: int = 0,
                      world_size: int = 1) -> DataBundle:
     """Subset, normalise and batch an in-memory dataset; training and test sets sharded over the ranks.
@@ -152,12 +163,7 @@ def in_memory_bundle(name: str, data: InMemoryData, cfg: DataConfig, seed: int, 
     calibration batches are not sharded: every rank re-estimates BatchNorm on the same batches and
     so ends with the same statistics."""
     mean, std = channel_stats(data.train_images)
-    train_x, train_y = data.train_images, data.train_labels
-    test_x, test_y = data.test_images, data.test_labels
-    if (idx := subset_indices(train_x.shape[0], cfg.train_subset, seed, "train")) is not None:
-        train_x, train_y = train_x[idx], train_y[idx]
-    if (idx := subset_indices(test_x.shape[0], cfg.test_subset, seed, "test")) is not None:
-        test_x, test_y = test_x[idx], test_y[idx]
+    (train_x, train_y), (test_x, test_y) = take_subsets(data, cfg, seed)
     train = TensorLoader(train_x, train_y, cfg.batch_size, mean, std, shuffle=True, augment=cfg.augment,
                          seed=derive_seed(seed, "train"), rank=rank, world_size=world_size)
     test = TensorLoader(test_x, test_y, cfg.eval_batch_size, mean, std, rank=rank, world_size=world_size)
