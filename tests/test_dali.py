@@ -231,3 +231,30 @@ def test_cap_train_fed_by_dali_prunes_and_finishes(tmp_path):
     assert summary["test_acc"] > 0.4
     history = json.loads((out / "history.json").read_text())
     assert all(h["test_seen"] == 1000 for h in history)
+
+
+@pytest.mark.slow
+def test_cap_train_on_an_imagenet_folder_through_dali(imagenet_root, tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "cap", "train", "--out", str(out), "model.name=resnet18",
+                           "data.name=imagenet", f"data.root={imagenet_root}", "data.loader=dali", "data.image_size=64",
+                           "data.batch_size=8", "data.eval_batch_size=8", "train.epochs=2", "prune.warmup_epochs=0",
+                           "prune.tau=1", "prune.eta=0.2", "prune.check_every=1", "prune.bn_batches=2",
+                           "train.progress=false", "tracking.enabled=false"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    history = json.loads((out / "history.json").read_text())
+    assert [h["test_seen"] for h in history] == [15, 15], "every validation image exactly once per evaluation"
+    assert json.loads((out / "summary.json").read_text())["steps_per_epoch"] == 25 // 8
+
+
+@pytest.mark.slow
+def test_dali_under_a_simulated_two_node_ddp_job(tmp_path):
+    from tests.test_distributed import _check_ddp_run, _torchrun, free_port
+
+    out, port = tmp_path / "nodes", free_port()
+    nodes = [_torchrun(out, ["--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                             f"--master_port={port}"], "data.loader=dali") for rank in (0, 1)]
+    logs = [node.communicate(timeout=900)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    _check_ddp_run(out, logs[0])  # identical final weights on both ranks, each test image counted once
