@@ -258,3 +258,17 @@ def test_dali_under_a_simulated_two_node_ddp_job(tmp_path):
     logs = [node.communicate(timeout=900)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs
     _check_ddp_run(out, logs[0])  # identical final weights on both ranks, each test image counted once
+
+
+def test_cifar_pickles_through_dali_equal_the_torch_path(tmp_path):
+    from tests.test_data import write_cifar
+
+    write_cifar(tmp_path / "cifar-10-batches-py", {f"data_batch_{i}": 6 for i in range(1, 6)} | {"test_batch": 11},
+                b"labels", 10)
+    cfg = {"name": "cifar10", "root": str(tmp_path), "batch_size": 8, "eval_batch_size": 4}
+    dali = build_data(build_config({"data": {**cfg, "loader": "dali"}}).data, seed=0)
+    plain = build_data(build_config({"data": cfg}).data, seed=0)
+    dx, dy = map(torch.cat, zip(*dali.test, strict=True))
+    tx, ty = map(torch.cat, zip(*plain.test, strict=True))
+    assert dx.shape == (11, 3, 32, 32) and torch.equal(dy, ty) and torch.allclose(dx, tx, atol=1e-5)
+    assert next(iter(dali.train))[0].shape == (8, 3, 32, 32)
