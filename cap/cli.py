@@ -3,6 +3,7 @@
     cap train --config FILE [--out DIR] [key=value ...]     a run (under torchrun: one rank of a DDP job)
     cap train --resume RUN_DIR                              continue a run from its newest good checkpoint
     cap sync RUN_DIR                                        send tracking records kept while a server was away
+    cap export RUN_DIR [--format F] [--round-to K]          the compact model (plain layers) + arch.json
 """
 
 from __future__ import annotations
@@ -51,6 +52,23 @@ def _sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import json
+
+    from cap.export import ExportError, export
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "export"
+    try:
+        path = export(args.run_dir, out, args.format, args.round_to)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    arch = json.loads((out / "arch.json").read_text())
+    print(f"wrote {path} and {out / 'arch.json'}: {arch['macs']:,} MACs, {arch['params']:,} params per image"
+          + (f" (widths rounded up to multiples of {args.round_to})" if args.round_to else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cap", description="Complexity-aware training: ResNets that prune their own units and blocks.")
@@ -70,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Replays RUN_DIR/tracking_pending.jsonl to the run's MLflow server.")
     sync.add_argument("run_dir", metavar="RUN_DIR")
     sync.set_defaults(func=_sync)
+    exp = sub.add_parser("export", help="write the compact model of a finished run",
+                         description="The run's deterministic network as plain conv/BN/linear layers: "
+                                     "arch.json + model.pt (state_dict), plus model.ts or model.onnx.")
+    exp.add_argument("run_dir", metavar="RUN_DIR")
+    exp.add_argument("--format", choices=["state_dict", "torchscript", "onnx"], default="state_dict")
+    exp.add_argument("--out", help="output folder (default: RUN_DIR/export)")
+    exp.add_argument("--round-to", type=int, metavar="K",
+                     help="pad kept internal widths up to a multiple of K with zero channels (same outputs, "
+                          "more MACs; tensor-core friendly shapes)")
+    exp.set_defaults(func=_export)
     return parser
 
 

@@ -55,11 +55,12 @@ def branch_cost(block: nn.Module, theta_of: ThetaOf = theta_values) -> Complexit
     macs, params = 0.0, 0.0
     width_in = block.conv1.in_channels
     for conv, _bn, gate in block.stages():
-        width_out = theta_of(gate).sum() if gate is not None else conv.out_channels
+        # float64: costs reach 1e9-1e10 MACs, where float32 no longer counts single units
+        width_out = theta_of(gate).sum().double() if gate is not None else conv.out_channels
         m, p = _conv_macs_params(conv, width_in, width_out)
         macs, params = macs + m, params + p + 2 * width_out  # + BN scale and shift
         width_in = width_out
-    layer = theta_of(block.layer_gate).sum()
+    layer = theta_of(block.layer_gate).sum().double()
     return Complexity(torch.as_tensor(layer * macs), torch.as_tensor(layer * params))
 
 
@@ -81,7 +82,7 @@ def static_cost(model: nn.Module) -> Complexity:
         if id(module) not in in_branches:
             m, p = _module_cost(module)
             macs, params = macs + m, params + p
-    return Complexity(torch.tensor(float(macs)), torch.tensor(float(params)))
+    return Complexity(torch.tensor(float(macs), dtype=torch.float64), torch.tensor(float(params), dtype=torch.float64))
 
 
 def expected_cost(model: nn.Module, theta_of: ThetaOf = theta_values) -> Complexity:

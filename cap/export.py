@@ -1,0 +1,224 @@
+"""The compact model: a trained gated ResNet turned into plain conv/BN/ReLU/linear layers, and back from disk.
+
+`compact_from_gated(model)` removes every structure the deterministic network switches off (units with
+theta < 0.5, blocks whose layer theta < 0.5; nothing when the run hardened) and rebuilds the net from
+standard modules: stem, then per block position either `PlainBlock` (relu(shortcut(x) + branch(x)),
+branch = conv-BN-ReLU-...-conv-BN) or `ShortcutBlock` (relu(shortcut(x)) where the block was removed),
+mean pooling, linear. No gate code is left. `export(...)` writes arch.json (the surviving structure) with
+the weights as a state_dict, TorchScript or ONNX; `load_compact(dir)` rebuilds the module from arch.json
+and loads the state_dict with weights_only=True (no module is unpickled).
+
+`round_to=k` pads every kept internal width up to a multiple of k (tensor-core friendly shapes) with
+zero channels whose BN scale and shift are 0: the outputs are unchanged (no accuracy cost), MACs and
+parameters grow, and arch.json records both counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cap.arch import architecture, build_from_architecture
+from cap.gates import gates_of, set_gate_mode
+from cap.models.blocks import GatedBlock
+from cap.pruning import plan_removals
+from cap.surgery import remove_block, remove_units
+
+FORMAT = "cap-compact-1"
+FORMATS = ("state_dict", "torchscript", "onnx")
+
+
+class ExportError(ValueError):
+    """A run folder, arch.json or weights file cannot give a compact model; the message says what is wrong."""
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, branch: nn.Sequential, shortcut: nn.Module) -> None:
+        super().__init__()
+        self.branch, self.shortcut = branch, shortcut
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.shortcut(x) + self.branch(x))
+
+
+class ShortcutBlock(nn.Module):
+    """A removed block: only its shortcut is left."""
+
+    def __init__(self, shortcut: nn.Module) -> None:
+        super().__init__()
+        self.shortcut = shortcut
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.shortcut(x))
+
+
+class CompactResNet(nn.Module):
+    def __init__(self, stem: nn.Module, blocks: list[nn.Module], fc: nn.Linear) -> None:
+        super().__init__()
+        self.stem, self.blocks, self.fc = stem, nn.Sequential(*blocks), fc
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def _drop_switched_off(model: nn.Module) -> None:
+    """Physically remove what the deterministic network switches off, so that every gate left is all-ones."""
+    remove = {g: ~g.keep_mask() for b in model.blocks() for g in [b.layer_gate, *b.unit_gates()] if g.active}
+    plan = plan_removals(list(model.blocks()), remove)
+    for block, gate, keep in plan.units:
+        remove_units(block, gate, keep)
+    for block, _ in plan.blocks:
+        remove_block(model, block)
+
+
+def _pad_widths(block: GatedBlock, multiple: int) -> None:
+    """Grow each internal width to a multiple of `multiple` with channels that always output zero."""
+    stages = block.stages()
+    for i, (conv, bn, gate) in enumerate(stages[:-1]):
+        extra = -conv.out_channels % multiple
+        if not extra:
+            continue
+        nxt = stages[i + 1][0]
+        with torch.no_grad():
+            conv.weight = nn.Parameter(torch.cat([conv.weight, conv.weight.new_zeros(extra, *conv.weight.shape[1:])]))
+            nxt.weight = nn.Parameter(torch.cat([nxt.weight, nxt.weight.new_zeros(nxt.weight.shape[0], extra,
+                                                                                   *nxt.weight.shape[2:])], 1))
+            bn.weight = nn.Parameter(torch.cat([bn.weight, bn.weight.new_zeros(extra)]))
+            bn.bias = nn.Parameter(torch.cat([bn.bias, bn.bias.new_zeros(extra)]))
+            bn.running_mean = torch.cat([bn.running_mean, bn.running_mean.new_zeros(extra)])
+            bn.running_var = torch.cat([bn.running_var, bn.running_var.new_ones(extra)])
+            gate.theta = torch.cat([gate.theta, gate.theta.new_ones(extra)])
+        conv.out_channels += extra
+        nxt.in_channels += extra
+        bn.num_features += extra
+
+
+def compact_from_gated(model: nn.Module, round_to: int | None = None) -> CompactResNet:
+    """A plain copy of `model`'s deterministic network (the gated model itself is left untouched)."""
+    model = copy.deepcopy(model).eval()
+    _drop_switched_off(model)
+    plain: list[nn.Module] = []
+    for _, _, block in model.block_slots():
+        if block.is_removed:
+            plain.append(ShortcutBlock(block.shortcut))
+            continue
+        if round_to:
+            _pad_widths(block, round_to)
+        layers: list[nn.Module] = []
+        for conv, bn, gate in block.stages():
+            layers += [conv, bn] + ([nn.ReLU()] if gate is not None else [])
+        plain.append(PlainBlock(nn.Sequential(*layers), block.shortcut))
+    return CompactResNet(model.stem, plain, model.fc).eval()
+
+
+def compact_architecture(model: nn.Module, name: str, kwargs: dict, round_to: int | None) -> dict[str, Any]:
+    """arch.json: the structure of the deterministic network after the same removals (and padding)."""
+    shrunk = copy.deepcopy(model)
+    _drop_switched_off(shrunk)
+    spec = architecture(shrunk, name, kwargs)
+    for entry in spec["blocks"]:
+        if round_to and not entry["removed"]:
+            entry["widths"] = [w + (-w % round_to) for w in entry["widths"]]
+    return {"format": FORMAT, "round_to": round_to, **spec}
+
+
+def _gated_skeleton(arch: dict[str, Any]) -> nn.Module:
+    """The gated model with arch's widths (padded widths may exceed none of the dense ones)."""
+    try:
+        return build_from_architecture({k: arch[k] for k in ("name", "kwargs", "blocks")})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"arch.json does not describe a model cap can build: {exc}") from exc
+
+
+def build_compact(arch: dict[str, Any]) -> CompactResNet:
+    """An untrained CompactResNet of the structure in `arch` (as written by `export`)."""
+    found = arch.get("format") if isinstance(arch, dict) else arch
+    if found != FORMAT:
+        raise ExportError(f"arch.json: 'format' must be {FORMAT!r}, got {found!r}")
+    skeleton = _gated_skeleton(arch)
+    for gate in gates_of(skeleton):  # every structure of the skeleton is kept: all thetas 1 already
+        gate.theta.fill_(1.0)
+    set_gate_mode(skeleton, "deterministic")
+    return compact_from_gated(skeleton)
+
+
+def count_macs_params(model: nn.Module, input_size: int, in_channels: int) -> tuple[int, int]:
+    """MACs of one image (torch's FlopCounterMode counts 2 FLOPs per MAC) and the parameter count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, in_channels, input_size, input_size))
+    return counter.get_total_flops() // 2, sum(p.numel() for p in model.parameters())
+
+
+def load_run_model(run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained gated model of a run folder (model.pt: arch + state_dict, loaded with weights_only=True)."""
+    path = Path(run_dir) / "model.pt"
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist: export needs a finished run folder (cap train writes model.pt "
+                          "at the end)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_from_architecture(saved["arch"])
+        model.load_state_dict(saved["state_dict"])
+    except Exception as exc:
+        raise ExportError(f"{path} cannot be loaded as a cap model: {exc}") from exc
+    model.eval()
+    set_gate_mode(model, "deterministic")
+    return model, saved["arch"]
+
+
+def export(run_dir: str | Path, out_dir: str | Path, fmt: str = "state_dict", round_to: int | None = None) -> Path:
+    """Write out_dir/arch.json plus model.pt (state_dict), model.ts (TorchScript) or model.onnx."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if round_to is not None and round_to < 1:
+        raise ExportError(f"--round-to must be >= 1, got {round_to}")
+    model, spec = load_run_model(Path(run_dir))
+    compact = compact_from_gated(model, round_to)
+    arch = compact_architecture(model, spec["name"], spec["kwargs"], round_to)
+    size, channels = spec["kwargs"]["input_size"], spec["kwargs"]["in_channels"]
+    arch["macs"], arch["params"] = count_macs_params(compact, size, channels)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "arch.json").write_text(json.dumps(arch, indent=2))
+    example = torch.zeros(1, channels, size, size)
+    torch.save(compact.state_dict(), out / "model.pt")  # the weights always travel with arch.json
+    load_compact(out)  # what was written must load back (e.g. a width rounded past the dense width fails here)
+    if fmt == "torchscript":
+        torch.jit.save(torch.jit.trace(compact, example), out / "model.ts")
+        return out / "model.ts"
+    if fmt == "onnx":
+        torch.onnx.export(compact, (example,), str(out / "model.onnx"), input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                          dynamo=False)
+        return out / "model.onnx"
+    return out / "model.pt"
+
+
+def load_compact(path: str | Path) -> CompactResNet:
+    """Rebuild an exported compact model from DIR/arch.json and DIR/model.pt (weights_only: no unpickling)."""
+    folder = Path(path)
+    folder = folder if folder.is_dir() else folder.parent
+    try:
+        arch = json.loads((folder / "arch.json").read_text())
+    except FileNotFoundError as exc:
+        raise ExportError(f"{folder}/arch.json does not exist") from exc
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{folder}/arch.json is not valid JSON: {exc}") from exc
+    model = build_compact(arch)
+    try:
+        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except FileNotFoundError as exc:
+        raise ExportError(f"{folder}/model.pt does not exist") from exc
+    except RuntimeError as exc:
+        raise ExportError(f"{folder}/model.pt does not fit {folder}/arch.json: {str(exc).splitlines()[0]} "
+                          f"{' '.join(str(exc).split()[1:12])} ...") from exc
+    return model.eval()

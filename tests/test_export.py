@@ -1,0 +1,197 @@
+"""Export: the compact model (plain layers, no gates) equals the gated network it came from, for networks
+pruned in many ways; its MACs and params equal what training reports and an independent counter; ONNX
+through onnxruntime; malformed or mismatched arch.json rejected."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cap.arch import architecture
+from cap.complexity import deterministic_values, expected_cost
+from cap.export import ExportError, compact_from_gated, count_macs_params, export, load_compact
+from cap.gates import Gate, set_gate_mode
+from cap.models import create_model
+from cap.models.blocks import GatedBlock
+from cap.surgery import remove_block, remove_units
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def randomise(model: torch.nn.Module, seed: int) -> None:
+    """Trained-looking BN statistics and affine parameters, so that equality is not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def pruned(name: str, how: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model(name, **kw)
+    blocks = list(model.blocks())
+    if how == "every_stage":  # a block removed in every stage, units removed elsewhere
+        for s in range(len(model.stages)):
+            remove_block(model, model.stages[s][-1])
+        b = model.stages[0][0]
+        remove_units(b, b.unit_gates()[0], torch.tensor([0, 3, 5]))
+    elif how == "one_unit":  # a block left with a single unit
+        remove_units(blocks[1], blocks[1].unit_gates()[0], torch.tensor([2]))
+    elif how == "bottleneck_both":  # both internal convs of a bottleneck pruned
+        gate1, gate2 = blocks[2].unit_gates()
+        remove_units(blocks[2], gate1, torch.arange(0, gate1.size, 3))
+        remove_units(blocks[2], gate2, torch.arange(1, gate2.size, 2))
+        remove_block(model, blocks[5])
+    elif how == "not_hardened":  # nothing removed yet: the deterministic gates decide (theta < 0.5 is off)
+        blocks[0].unit_gates()[0].theta[torch.tensor([1, 4])] = 0.2
+        blocks[3].layer_gate.theta.fill_(0.3)
+        blocks[4].unit_gates()[0].theta[torch.arange(0, 16, 2)] = 0.4
+    randomise(model, 1)
+    return model.eval()
+
+
+CASES = [("resnet20", "every_stage", {"num_classes": 10, "in_channels": 1, "input_size": 32}),
+         ("resnet20", "one_unit", {"num_classes": 10, "in_channels": 1, "input_size": 32}),
+         ("resnet20", "not_hardened", {"num_classes": 10, "in_channels": 3, "input_size": 32}),
+         ("resnet50", "bottleneck_both", {"num_classes": 7, "in_channels": 3, "input_size": 64})]
+
+
+def run_folder(tmp_path: Path, model: torch.nn.Module, name: str, kwargs: dict) -> Path:
+    """What `cap train` leaves: model.pt with the surviving architecture and the state_dict."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    torch.save({"arch": architecture(model, name, kwargs), "state_dict": model.state_dict()}, folder / "model.pt")
+    return folder
+
+
+@pytest.mark.parametrize("name,how,kwargs", CASES, ids=[c[1] for c in CASES])
+def test_export_round_trip_equals_the_gated_network(tmp_path, name, how, kwargs):
+    model = pruned(name, how, **kwargs)
+    set_gate_mode(model, "deterministic")
+    export(run_folder(tmp_path, model, name, kwargs), tmp_path / "out")
+    compact = load_compact(tmp_path / "out")
+    assert not any(isinstance(m, (Gate, GatedBlock)) for m in compact.modules()), "no gate code may remain"
+    x = torch.randn(4, kwargs["in_channels"], kwargs["input_size"], kwargs["input_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
+    reported = expected_cost(model, deterministic_values)  # what training's summary reports
+    macs, params = count_macs_params(compact, kwargs["input_size"], kwargs["in_channels"])  # FlopCounterMode
+    arch = json.loads((tmp_path / "out" / "arch.json").read_text())
+    assert macs == int(round(float(reported.macs))) == arch["macs"]
+    assert params == int(round(float(reported.params))) == arch["params"]
+
+
+def test_round_to_pads_widths_without_changing_outputs(tmp_path):
+    kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 32}
+    model = pruned("resnet20", "every_stage", **kwargs)
+    set_gate_mode(model, "deterministic")
+    folder = run_folder(tmp_path, model, "resnet20", kwargs)
+    export(folder, tmp_path / "plain")
+    export(folder, tmp_path / "r8", round_to=8)
+    plain, rounded = load_compact(tmp_path / "plain"), load_compact(tmp_path / "r8")
+    arch = json.loads((tmp_path / "r8" / "arch.json").read_text())
+    assert all(w % 8 == 0 for b in arch["blocks"] if not b["removed"] for w in b["widths"])
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rounded(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert arch["macs"] > json.loads((tmp_path / "plain" / "arch.json").read_text())["macs"]
+
+
+def test_onnx_export_matches_torch_in_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 32}
+    model = pruned("resnet20", "every_stage", **kwargs)
+    set_gate_mode(model, "deterministic")
+    path = export(run_folder(tmp_path, model, "resnet20", kwargs), tmp_path / "onnx", "onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):  # the batch dimension is dynamic
+        x = torch.randn(batch, 1, 32, 32)
+        (out,) = session.run(None, {"images": x.numpy()})
+        with torch.no_grad():
+            assert float((torch.from_numpy(out) - model(x)).abs().max()) < 1e-4
+
+
+def test_torchscript_export_runs_without_cap(tmp_path):
+    kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 32}
+    model = pruned("resnet20", "one_unit", **kwargs)
+    set_gate_mode(model, "deterministic")
+    path = export(run_folder(tmp_path, model, "resnet20", kwargs), tmp_path / "ts", "torchscript")
+    code = (f"import torch; m = torch.jit.load({str(path)!r}); x = torch.load({str(tmp_path / 'x.pt')!r}); "
+            f"torch.save(m(x), {str(tmp_path / 'y.pt')!r})")
+    x = torch.randn(2, 1, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)  # a process that never imports cap
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture()
+def exported(tmp_path) -> Path:
+    kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 32}
+    model = pruned("resnet20", "one_unit", **kwargs)
+    set_gate_mode(model, "deterministic")
+    return export(run_folder(tmp_path, model, "resnet20", kwargs), tmp_path / "out").parent
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda a: a.update(format="something-else"), "'format' must be"),
+    (lambda a: a.update(name="resnet999"), "does not describe a model"),
+    (lambda a: a["blocks"][1].update(widths=[99]), "outside 1..16"),
+    (lambda a: a["blocks"][1].update(widths=[5]), "does not fit"),
+    (lambda a: a["blocks"].pop(), "architecture lists 8 blocks"),
+])
+def test_malformed_or_mismatched_arch_is_rejected(exported, damage, message):
+    arch = json.loads((exported / "arch.json").read_text())
+    damage(arch)
+    (exported / "arch.json").write_text(json.dumps(arch))
+    with pytest.raises(ExportError, match=message):
+        load_compact(exported)
+
+
+def test_broken_files_are_rejected(exported):
+    (exported / "arch.json").write_text("{not json")
+    with pytest.raises(ExportError, match="not valid JSON"):
+        load_compact(exported)
+    (exported / "arch.json").unlink()
+    with pytest.raises(ExportError, match="arch.json does not exist"):
+        load_compact(exported)
+
+
+def test_cli_export(tmp_path):
+    kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 32}
+    model = pruned("resnet20", "every_stage", **kwargs)
+    folder = run_folder(tmp_path, model, "resnet20", kwargs)
+    done = subprocess.run([sys.executable, "-m", "cap", "export", str(folder), "--format", "onnx", "--round-to", "8"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (folder / "export" / "model.onnx").is_file() and (folder / "export" / "arch.json").is_file()
+    assert "MACs" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "cap", "export", str(tmp_path / "nope")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "model.pt does not exist" in bad.stderr
+
+
+def test_an_emptied_unit_layer_removes_the_block():
+    """As in hardening (docs/method.md): a block whose internal layer loses every unit goes as a whole."""
+    from cap.export import ShortcutBlock
+
+    model = create_model("resnet20", num_classes=10, in_channels=1, input_size=32)
+    list(model.blocks())[4].unit_gates()[0].theta.fill_(0.1)
+    assert isinstance(compact_from_gated(model).blocks[4], ShortcutBlock)
+
+
+def test_compact_from_gated_leaves_the_gated_model_alone():
+    kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 32}
+    model = pruned("resnet20", "not_hardened", **kwargs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compact_from_gated(model, round_to=8)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
