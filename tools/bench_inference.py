@@ -1,0 +1,124 @@
+"""Inference benchmark: CPU latency of the exported compact model against the dense network and against the
+same pruned network with its pruned structures masked (zeroed) but not removed, side by side in one process.
+
+For each run folder (a finished `cap train`, model.pt inside), three models of identical outputs or of the
+dense baseline are timed at batch 1 and batch 64 with interleaved repetitions (median), and the measured
+speed-up is set against the MAC reduction:
+  dense    the dense run's network, exported (plain layers)
+  masked   the pruned network at dense width: kept channels copied in, pruned channels and removed blocks
+           zero (what a mask-based pruning library leaves); computes as much as dense
+  compact  `cap export`: pruned structures removed
+
+    python tools/bench_inference.py --dense bench_out/core2/dense bench_out/core2/cap_tau0.3 \
+        bench_out/core2/cap_tau0.6 bench_out/core2/cap_tau1.2 --write-docs docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_block import write_block  # noqa: E402
+
+from cap.export import (  # noqa: E402
+    PlainBlock,
+    build_compact,
+    compact_architecture,
+    compact_from_gated,
+    count_macs_params,
+    load_run_model,  # noqa: E402
+)
+from cap.models import create_model  # noqa: E402
+
+START, END = "<!-- bench_inference:start -->", "<!-- bench_inference:end -->"
+
+
+def masked_twin(compact: nn.Module, arch: dict) -> nn.Module:
+    """The dense-width plain network holding `compact`'s weights in its leading channels, zeros elsewhere."""
+    dense_gated = create_model(arch["name"], **arch["kwargs"])
+    dense_arch = compact_architecture(dense_gated, arch["name"], arch["kwargs"], None)
+    twin = build_compact(dense_arch)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+        for key, value in compact.state_dict().items():
+            target = twin.state_dict()[key] if key in twin.state_dict() else None
+            if target is None:
+                continue
+            index = tuple(slice(0, n) for n in value.shape)
+            target[index].copy_(value)
+        for block in twin.blocks:  # BN running_var of padding channels: 1, so zero stays zero
+            if isinstance(block, PlainBlock):
+                for m in block.branch:
+                    if isinstance(m, nn.BatchNorm2d):
+                        m.running_var[m.running_var == 0] = 1.0
+    return twin.eval()
+
+
+def latency_ms(model: nn.Module, x: torch.Tensor) -> float:
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model(x)
+        return 1000 * (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dense", type=Path, required=True, help="the dense run folder")
+    parser.add_argument("runs", type=Path, nargs="+", help="pruned run folders")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--write-docs", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    gated, spec = load_run_model(args.dense)
+    dense = compact_from_gated(gated)
+    size, channels = spec["kwargs"]["input_size"], spec["kwargs"]["in_channels"]
+    dense_macs, _ = count_macs_params(dense, size, channels)
+    rows = []
+    for run in args.runs:
+        model, spec = load_run_model(run)
+        compact = compact_from_gated(model)
+        arch = compact_architecture(model, spec["name"], spec["kwargs"], None)
+        masked = masked_twin(compact, arch)
+        macs, _ = count_macs_params(compact, size, channels)
+        for batch in (1, 64):
+            x = torch.randn(batch, channels, size, size)
+            with torch.inference_mode():
+                assert float((masked(x) - compact(x)).abs().max()) < 1e-3, "the masked twin must equal the compact"
+            times: dict[str, list[float]] = {"dense": [], "masked": [], "compact": []}
+            for _ in range(3):  # warm-up
+                for m in (dense, masked, compact):
+                    latency_ms(m, x)
+            for _ in range(args.reps):
+                for name, m in (("dense", dense), ("masked", masked), ("compact", compact)):
+                    times[name].append(latency_ms(m, x))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            mac_speedup = dense_macs / macs
+            rows.append((run.name, batch, med["dense"], med["masked"], med["compact"], 1 - macs / dense_macs,
+                         med["dense"] / med["compact"], mac_speedup))
+            print(f"{run.name} batch {batch}: dense {med['dense']:.2f} ms, masked {med['masked']:.2f} ms, "
+                  f"compact {med['compact']:.2f} ms; speed-up {med['dense'] / med['compact']:.2f}x of "
+                  f"{mac_speedup:.2f}x by MACs", flush=True)
+    command = "python tools/bench_inference.py " + " ".join(sys.argv[1:])
+    lines = [f"Command: `{command}` (CPU, {args.threads} threads, median of {args.reps} interleaved repetitions)",
+             "", "| run | batch | dense ms | masked ms | compact ms | MAC cut | speed-up | MAC speed-up | "
+                 "speed-up / MAC speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, batch, d, m, c, cut, speed, ideal in rows:
+        lines.append(f"| {name} | {batch} | {d:.2f} | {m:.2f} | {c:.2f} | {cut:.1%} | {speed:.2f}x | {ideal:.2f}x | "
+                     f"{speed / ideal:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.write_docs:
+        write_block(args.write_docs, START, END, text)
+
+
+if __name__ == "__main__":
+    main()
