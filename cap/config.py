@@ -26,6 +26,9 @@ class ModelConfig:
     """registry name: resnet20/32/56/110 (CIFAR-style) or resnet18/34/50 (ImageNet-style)"""
     width: int = 16
     """channels of the first stage of the CIFAR-style ResNets (ignored by ImageNet-style ones)"""
+    arch: str | None = None
+    """train this structure from scratch: a run's model.pt or an export's arch.json (the lower limit of
+    what a pruned architecture costs to train); None trains the dense network"""
 
 
 @dataclass

@@ -84,7 +84,9 @@ class Pruner:
         self.names = {id(b): f"stage{s + 1}.block{i + 1}" for s, i, b in model.block_slots()}
         self.layers_total = sum(1 for _ in model.blocks())
         self.units_total = sum(g.size for b in model.blocks() for g in b.unit_gates())
-        self.units_of = {id(b): sum(g.size for g in b.unit_gates()) for b in model.blocks()}
+        # a block already removed when the pruner starts (a model built from a pruned architecture) counts 0
+        self.units_of = {id(b): 0 if b.is_removed else sum(g.size for g in b.unit_gates())
+                         for _, _, b in model.block_slots()}
         self.warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
         if self.enabled:
             self.penalty = ComplexityPenalty(model, cfg.tau, cfg.alpha, cfg.beta, cfg.layer_cost)

@@ -120,6 +120,33 @@ def model_kwargs(cfg: Config, data) -> dict:
     return kwargs
 
 
+def model_from_arch_file(path: str, name: str, kwargs: dict) -> nn.Module:
+    """A freshly initialised gated model with the structure stored in `path` (model.pt or arch.json)."""
+    import json
+
+    from cap.arch import build_from_architecture
+    from cap.config import ConfigError
+
+    file = Path(path)
+    try:
+        if file.suffix == ".json":
+            spec = json.loads(file.read_text())
+        else:  # a run's model.pt: its deterministic structure (units and blocks with theta < 0.5 go too)
+            from cap.export import compact_architecture, load_run_model
+
+            trained, saved = load_run_model(file.parent)
+            spec = compact_architecture(trained, saved["name"], saved["kwargs"], None)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ConfigError(f"model.arch: cannot read an architecture from {file}: {exc}") from exc
+    if spec.get("name") != name or spec.get("kwargs") != kwargs:
+        raise ConfigError(f"model.arch: {file} describes {spec.get('name')} {spec.get('kwargs')}, but this run "
+                          f"builds {name} {kwargs} (model.name and the data must match)")
+    try:
+        return build_from_architecture({k: spec[k] for k in ("name", "kwargs", "blocks")})
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"model.arch: {file} is not a valid architecture: {exc}") from exc
+
+
 def rng_states() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(),
@@ -151,7 +178,8 @@ class Training:
                                device.index if device.type == "cuda" else None)
         seed_everything(cfg.seed)
         self.kwargs = model_kwargs(cfg, self.data)
-        self.model = create_model(cfg.model.name, **self.kwargs).to(device)
+        self.model = (model_from_arch_file(cfg.model.arch, cfg.model.name, self.kwargs) if cfg.model.arch
+                      else create_model(cfg.model.name, **self.kwargs)).to(device)
         self._memory_format()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=t.lr, momentum=t.momentum,
                                          nesterov=t.nesterov, weight_decay=t.weight_decay)

@@ -195,3 +195,21 @@ def test_compact_from_gated_leaves_the_gated_model_alone():
     compact_from_gated(model, round_to=8)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_training_a_pruned_architecture_from_scratch(tmp_path):
+    from cap.config import load_config
+    from cap.trainer import run
+
+    kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 32, "width": 16}
+    model = pruned("resnet20", "not_hardened", **kwargs)
+    folder = run_folder(tmp_path, model, "resnet20", kwargs)
+    cfg = load_config("configs/smoke.yaml", [f"model.arch={folder / 'model.pt'}", "prune.tau=0", "train.epochs=1",
+                                             "train.max_steps_per_epoch=2", "train.progress=false",
+                                             "tracking.enabled=false"])
+    summary = run(cfg, tmp_path / "scratch", log=lambda _: None)
+    compact = compact_from_gated(model)
+    assert summary["macs_final"] == count_macs_params(compact, 32, 1)[0], "the deterministic structure is trained"
+    assert summary["layers_kept"] == sum(1 for b in compact.blocks if b.__class__.__name__ == "PlainBlock")
+    trained = torch.load(tmp_path / "scratch" / "model.pt", weights_only=True)["state_dict"]
+    assert not torch.equal(trained["stem.0.weight"], model.state_dict()["stem.0.weight"]), "fresh weights"

@@ -1,0 +1,43 @@
+"""Pareto front and 2-D hypervolume against brute force on random points, ties and duplicates included."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cap.pareto import dominates, hypervolume_2d, non_dominated
+
+
+def brute_front(points):
+    return [i for i, p in enumerate(points)
+            if not any(all(q[k] >= p[k] for k in range(len(p))) and q != p for q in points)]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_front_matches_brute_force(seed):
+    rng = random.Random(seed)
+    dims = rng.choice([2, 3])
+    points = [tuple(rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(dims)) for _ in range(rng.randint(1, 12))]
+    points += [points[0]] * rng.randint(0, 2)  # duplicates stay together on (or off) the front
+    assert non_dominated(points) == brute_front(points)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_hypervolume_matches_grid_count(seed):
+    rng = random.Random(seed)
+    points = [(rng.choice([0.25, 0.5, rng.random()]), rng.random()) for _ in range(rng.randint(1, 7))]
+    points.append(points[-1])
+    n = 200
+    inside = sum(any(px >= (i + 0.5) / n and py >= (j + 0.5) / n for px, py in points)
+                 for i in range(n) for j in range(n))
+    assert abs(inside / n**2 - hypervolume_2d(points)) < 2.5 / n
+
+
+def test_hypervolume_edge_cases():
+    assert hypervolume_2d([]) == 0.0
+    assert hypervolume_2d([(0.5, 0.5)]) == 0.25
+    assert hypervolume_2d([(0.5, 0.5), (0.4, 0.4)]) == 0.25  # a dominated point adds nothing
+    assert hypervolume_2d([(0.5, 0.9)], reference=(0.2, 0.5)) == pytest.approx(0.3 * 0.4)
+    assert hypervolume_2d([(0.1, 0.9)], reference=(0.2, 0.5)) == 0.0
+    assert dominates((1, 1), (1, 0)) and not dominates((1, 1), (1, 1))

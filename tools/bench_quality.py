@@ -1,0 +1,150 @@
+"""Quality and training cost: cap against its ablations and Torch-Pruning at equal epochs, with fronts.
+
+Per model and tau, one after another in this invocation (same machine state, same seed, same recipe and
+total epochs for every method):
+  dense         tau = 0
+  cap           unit and layer gates (prune.tau = tau)
+  cap units     unit gates only (prune.layers = false)
+  cap layers    layer gates only (prune.units = false)
+  torch-pruning dense until cap's hardening point, one-shot group-L1 to cap's MAC ratio, fine-tune
+                (tools/peers/torch_pruning_baseline.py)
+  scratch       cap's final architecture trained from scratch (model.arch): the lower limit of the cost of
+                training that network
+Each method's points form its front (maximise test accuracy and MAC reduction); the 2-D hypervolume
+against the reference point (accuracy 0, MAC reduction 0) ranks the fronts by one number. Writes
+results.json, a PNG per model and, with --write-docs, a section of docs/benchmarks.md.
+
+Profiles: quick (minutes: ResNet-20 on a 5k subset, 4 epochs, 2 taus) and full (about an hour per
+model on 2 cores: 20k subset, 8 epochs, 3 taus; ResNet-20 and ResNet-56).
+
+    python tools/bench_quality.py --profile quick --out bench_out/quality-quick --write-docs docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import cap_run, peer_run  # noqa: E402
+from docs_block import write_block  # noqa: E402
+
+from cap.pareto import hypervolume_2d  # noqa: E402
+
+CONFIG = "configs/fmnist_resnet20.yaml"
+COMMON = ["tracking.enabled=false", "train.checkpoint=false"]
+PROFILES = {
+    # eta = 1 / steps per epoch: a zero-importance structure reaches 0 in about one epoch
+    "quick": {"models": ["resnet20"], "taus": [0.6, 1.5],
+              "overrides": ["data.train_subset=5000", "data.test_subset=2000", "train.epochs=4", "prune.eta=0.025"]},
+    "full": {"models": ["resnet20", "resnet56"], "taus": [0.3, 0.6, 1.2],
+             "overrides": ["data.train_subset=20000", "train.epochs=8", "prune.eta=0.006"]},
+}
+METHODS = ["cap", "cap units", "cap layers", "torch-pruning", "scratch"]
+
+
+def point(s: dict, dense_macs: float) -> tuple[float, float]:
+    """(MAC reduction against the dense network, test accuracy)."""
+    return 1 - s["macs_final"] / dense_macs, s["test_acc"]
+
+
+def run_model(model: str, profile: dict, out: Path, skip: bool) -> dict:
+    base = [*profile["overrides"], *COMMON, f"model.name={model}"]
+    res: dict = {"dense": cap_run(CONFIG, [*base, "prune.tau=0"], out / "dense", skip), "taus": {}}
+    print(f"{model} dense {res['dense']['test_acc']:.4f}", flush=True)
+    for tau in profile["taus"]:
+        runs = {"cap": cap_run(CONFIG, [*base, f"prune.tau={tau}"], out / f"cap_tau{tau:g}", skip),
+                "cap units": cap_run(CONFIG, [*base, f"prune.tau={tau}", "prune.layers=false"],
+                                     out / f"units_tau{tau:g}", skip),
+                "cap layers": cap_run(CONFIG, [*base, f"prune.tau={tau}", "prune.units=false"],
+                                      out / f"layers_tau{tau:g}", skip)}
+        cap = runs["cap"]
+        epochs = int(next(o for o in base if o.startswith("train.epochs=")).split("=")[1])
+        prune_at = (cap["hardened_at_step"] / cap["steps_per_epoch"] / epochs) if cap["hardened_at_step"] else 0.5
+        runs["torch-pruning"] = peer_run(CONFIG, [*profile["overrides"], f"model.name={model}"], cap["mac_ratio"],
+                                         prune_at, out / f"tp_tau{tau:g}", skip)
+        runs["scratch"] = cap_run(CONFIG, [*base, "prune.tau=0", f"model.arch={out / f'cap_tau{tau:g}' / 'model.pt'}"],
+                                  out / f"scratch_tau{tau:g}", skip)
+        for name, s in runs.items():
+            print(f"{model} tau {tau} {name}: acc {s['test_acc']:.4f}, MAC ratio "
+                  f"{s['macs_final'] / res['dense']['macs_dense']:.3f}, {s['train_seconds']:.0f} s", flush=True)
+        res["taus"][f"{tau:g}"] = runs
+    return res
+
+
+def plot(model: str, res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = res["dense"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.axhline(100 * dense["test_acc"], color="grey", ls="--", lw=1, label="dense")
+    for method in METHODS:
+        pts = sorted(point(runs[method], dense["macs_dense"]) for runs in res["taus"].values())
+        ax.plot([100 * x for x, _ in pts], [100 * y for _, y in pts], marker="o", label=method)
+        for (x, y), tau in zip(pts, sorted(res["taus"], key=float), strict=False):
+            ax.annotate(f"{tau}", (100 * x, 100 * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("MAC reduction %")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(f"{model}: accuracy against MAC reduction (labels: tau)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(results: dict, command: str, images: dict[str, str]) -> str:
+    lines = [f"Command: `{command}` ({results['date']}, {results['profile']} profile: "
+             f"{' '.join(results['overrides'])}; one seed, one run per row)", ""]
+    for model, res in results["models"].items():
+        dense = res["dense"]
+        lines += [f"**{model}** (dense: {100 * dense['test_acc']:.2f} %, {dense['train_seconds']:.0f} s)", "",
+                  "| tau | method | test acc % | vs dense (pt) | MAC cut % | param cut % | train time / dense |",
+                  "|---|---|---|---|---|---|---|"]
+        for tau, runs in res["taus"].items():
+            for method in METHODS:
+                s = runs[method]
+                cut, acc = point(s, dense["macs_dense"])
+                pcut = 1 - s["params_final"] / dense["params_dense"]
+                time_ratio = s["train_seconds"] / dense["train_seconds"]
+                lines.append(f"| {tau} | {method} | {100 * acc:.2f} | {100 * (acc - dense['test_acc']):+.2f} | "
+                             f"{100 * cut:.1f} | {100 * pcut:.1f} | {time_ratio:.2f} |")
+        hv = {m: hypervolume_2d([point(r[m], dense["macs_dense"]) for r in res["taus"].values()]) for m in METHODS}
+        lines += ["", "Hypervolume (accuracy x MAC reduction above (0, 0); larger is better): "
+                  + ", ".join(f"{m} {v:.4f}" for m, v in hv.items()), "", f"![{model}]({images[model]})", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--out", type=Path, default=Path("bench_out/quality"))
+    parser.add_argument("--skip-existing", action="store_true")
+    parser.add_argument("--write-docs", type=Path)
+    args = parser.parse_args()
+    profile = PROFILES[args.profile]
+    results = {"profile": args.profile, "overrides": profile["overrides"], "date": time.strftime("%Y-%m-%d"),
+               "models": {}}
+    images = {}
+    for model in profile["models"]:
+        results["models"][model] = run_model(model, profile, args.out / model, args.skip_existing)
+        image = Path("docs/img") / f"quality_{args.profile}_{model}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        plot(model, results["models"][model], image)
+        images[model] = str(image.relative_to("docs"))
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    command = "python tools/bench_quality.py " + " ".join(sys.argv[1:])
+    text = report(results, command, images)
+    print(text)
+    if args.write_docs:
+        write_block(args.write_docs, f"<!-- bench_quality_{args.profile}:start -->",
+                    f"<!-- bench_quality_{args.profile}:end -->", text)
+
+
+if __name__ == "__main__":
+    main()
