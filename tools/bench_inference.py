@@ -8,6 +8,7 @@ speed-up is set against the MAC reduction:
   masked   the pruned network at dense width: kept channels copied in, pruned channels and removed blocks
            zero (what a mask-based pruning library leaves); computes as much as dense
   compact  `cap export`: pruned structures removed
+  r8       `cap export --round-to 8`: kept widths padded to multiples of 8 with zero channels
 
     python tools/bench_inference.py --dense bench_out/core2/dense bench_out/core2/cap_tau0.3 \
         bench_out/core2/cap_tau0.6 bench_out/core2/cap_tau1.2 --write-docs docs/benchmarks.md
@@ -86,6 +87,7 @@ def main() -> None:
     for run in args.runs:
         model, spec = load_run_model(run)
         compact = compact_from_gated(model)
+        rounded = compact_from_gated(model, round_to=8)
         arch = compact_architecture(model, spec["name"], spec["kwargs"], None)
         masked = masked_twin(compact, arch)
         macs, _ = count_macs_params(compact, size, channels)
@@ -93,27 +95,28 @@ def main() -> None:
             x = torch.randn(batch, channels, size, size)
             with torch.inference_mode():
                 assert float((masked(x) - compact(x)).abs().max()) < 1e-3, "the masked twin must equal the compact"
-            times: dict[str, list[float]] = {"dense": [], "masked": [], "compact": []}
+            variants = {"dense": dense, "masked": masked, "compact": compact, "r8": rounded}
+            times: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(3):  # warm-up
-                for m in (dense, masked, compact):
+                for m in variants.values():
                     latency_ms(m, x)
             for _ in range(args.reps):
-                for name, m in (("dense", dense), ("masked", masked), ("compact", compact)):
+                for name, m in variants.items():
                     times[name].append(latency_ms(m, x))
             med = {k: statistics.median(v) for k, v in times.items()}
             mac_speedup = dense_macs / macs
-            rows.append((run.name, batch, med["dense"], med["masked"], med["compact"], 1 - macs / dense_macs,
-                         med["dense"] / med["compact"], mac_speedup))
+            rows.append((run.name, batch, med["dense"], med["masked"], med["compact"], med["r8"],
+                         1 - macs / dense_macs, med["dense"] / med["compact"], mac_speedup))
             print(f"{run.name} batch {batch}: dense {med['dense']:.2f} ms, masked {med['masked']:.2f} ms, "
                   f"compact {med['compact']:.2f} ms; speed-up {med['dense'] / med['compact']:.2f}x of "
                   f"{mac_speedup:.2f}x by MACs", flush=True)
     command = "python tools/bench_inference.py " + " ".join(sys.argv[1:])
     lines = [f"Command: `{command}` (CPU, {args.threads} threads, median of {args.reps} interleaved repetitions)",
-             "", "| run | batch | dense ms | masked ms | compact ms | MAC cut | speed-up | MAC speed-up | "
-                 "speed-up / MAC speed-up |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, batch, d, m, c, cut, speed, ideal in rows:
-        lines.append(f"| {name} | {batch} | {d:.2f} | {m:.2f} | {c:.2f} | {cut:.1%} | {speed:.2f}x | {ideal:.2f}x | "
-                     f"{speed / ideal:.2f} |")
+             "", "| run | batch | dense ms | masked ms | compact ms | rounded-to-8 ms | MAC cut | speed-up | "
+                 "MAC speed-up | speed-up / MAC speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, batch, d, m, c, r8, cut, speed, ideal in rows:
+        lines.append(f"| {name} | {batch} | {d:.2f} | {m:.2f} | {c:.2f} | {r8:.2f} | {cut:.1%} | {speed:.2f}x | "
+                     f"{ideal:.2f}x | {speed / ideal:.2f} |")
     text = "\n".join(lines)
     print(text)
     if args.write_docs:
