@@ -85,10 +85,10 @@ def plot(model: str, res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.axhline(100 * dense["test_acc"], color="grey", ls="--", lw=1, label="dense")
     for method in METHODS:
-        pts = sorted(point(runs[method], dense["macs_dense"]) for runs in res["taus"].values())
-        ax.plot([100 * x for x, _ in pts], [100 * y for _, y in pts], marker="o", label=method)
-        for (x, y), tau in zip(pts, sorted(res["taus"], key=float), strict=False):
-            ax.annotate(f"{tau}", (100 * x, 100 * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        pts = sorted((*point(runs[method], dense["macs_dense"]), tau) for tau, runs in res["taus"].items())
+        ax.plot([100 * x for x, _, _ in pts], [100 * y for _, y, _ in pts], marker="o", label=method)
+        for x, y, tau in pts:
+            ax.annotate(tau, (100 * x, 100 * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("MAC reduction %")
     ax.set_ylabel("test accuracy %")
     ax.set_title(f"{model}: accuracy against MAC reduction (labels: tau)")
