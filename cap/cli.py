@@ -47,8 +47,18 @@ def _train(args: argparse.Namespace) -> int:
 def _sync(args: argparse.Namespace) -> int:
     from cap.tracking import sync_pending
 
-    sent = sync_pending(Path(args.run_dir))
-    print(f"sent {sent} pending tracking operations from {args.run_dir}")
+    run_dir = Path(args.run_dir)
+    try:
+        sent = sync_pending(run_dir)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"sent {sent} pending tracking operations from {run_dir}")
+    left = sorted(run_dir.glob("tracking_pending*.jsonl"))
+    if left:  # the server is still away: say so in the exit status, so scripts can retry
+        print(f"error: {', '.join(str(f) for f in left)} still hold operations; the tracking server did not "
+              "take them (is it reachable?)", file=sys.stderr)
+        return 1
     return 0
 
 

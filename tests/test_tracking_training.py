@@ -79,6 +79,11 @@ def test_server_killed_mid_run_loses_nothing(tmp_path):
         pending = out / "tracking_pending.jsonl"
         assert pending.is_file() and pending.read_text().strip()
 
+        early = subprocess.run([sys.executable, "-m", "cap", "sync", str(out)], cwd=ROOT, capture_output=True,
+                               text=True, timeout=300)
+        assert early.returncode == 1 and "still hold operations" in early.stderr, early.stdout + early.stderr
+        assert pending.is_file(), "a failed sync must keep what is pending"
+
         server.start()
         done = subprocess.run([sys.executable, "-m", "cap", "sync", str(out)], cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
