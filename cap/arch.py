@@ -32,9 +32,11 @@ def removal_plan_for(model: nn.Module, spec: dict) -> RemovalPlan:
         raise ValueError(f"architecture lists {len(spec['blocks'])} blocks, model '{spec['name']}' has {len(slots)}")
     plan = RemovalPlan()
     for (_, _, block), entry in zip(slots, spec["blocks"], strict=True):
-        if block.is_removed:
-            raise ValueError("removal_plan_for needs the dense model; block "
-                             f"{entry['stage']}.{entry['index']} is already removed")
+        if block.is_removed:  # a model built from a pruned architecture (model.arch) starts without it
+            if not entry["removed"]:
+                raise ValueError(f"block {entry['stage']}.{entry['index']} is removed in the model but kept in "
+                                 "the architecture")
+            continue
         if entry["removed"]:
             plan.blocks.append((block, "restored"))
             continue

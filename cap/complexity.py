@@ -61,6 +61,11 @@ def branch_cost(block: nn.Module, theta_of: ThetaOf = theta_values) -> Complexit
         macs, params = macs + m, params + p + 2 * width_out  # + BN scale and shift
         width_in = width_out
     layer = theta_of(block.layer_gate).sum().double()
+    # an internal layer without a unit: the block is removed whole (pruning.plan_removals), so it costs 0
+    # (a tensor product rather than an `if`: no device sync in the per-step penalty)
+    for _, _, gate in block.stages():
+        if gate is not None:
+            layer = layer * (theta_of(gate).amax() > 0).double()
     return Complexity(torch.as_tensor(layer * macs), torch.as_tensor(layer * params))
 
 

@@ -183,7 +183,7 @@ class Pruner:
         """The deterministic structure: kept units per block, 0 for a block switched off or removed."""
         out = []
         for _, _, block in self.model.block_slots():
-            if block.is_removed or (block.layer_gate.active and not bool(block.layer_gate.keep_mask())):
+            if block.is_removed or block.switched_off():
                 out.append(0)
             else:
                 out.append(tuple(int(g.keep_mask().sum()) if g.active else g.size for g in block.unit_gates()))
@@ -269,7 +269,7 @@ class Pruner:
         """Per block position: kept by the deterministic network?, internal units kept, of how many."""
         out = []
         for _, _, block in self.model.block_slots():
-            off = block.is_removed or (block.layer_gate.active and not bool(block.layer_gate.keep_mask()))
+            off = block.is_removed or block.switched_off()
             units = 0 if off else sum(int(deterministic_values(g).sum()) for g in block.unit_gates())
             of = self.units_of[id(block)]
             out.append({"name": self.names[id(block)], "kept": not off, "units": units, "of": of})

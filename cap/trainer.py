@@ -400,7 +400,7 @@ def _train(cfg: Config, out_dir: Path | None, log: Log, resume_dir: Path | None 
         training = Training(cfg, run_dir, ctx, device, log)  # builds the data first: bad data fails here
         if payload is not None:
             training.restore(payload)
-        if ctx.is_main:
+        if ctx.is_main and payload is None:  # a resumed run keeps the config.yaml it was started with
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         tracker = _open_tracker(cfg, run_dir, ctx, training.tracking_run_id, log)
@@ -423,6 +423,8 @@ def _train(cfg: Config, out_dir: Path | None, log: Log, resume_dir: Path | None 
                 log(epoch_line(record, t.epochs, hardened))
                 tracker.log_metrics({k: float(record[k]) for k in EPOCH_METRICS}, step=record["epoch"])
                 if ctx.any(stop.requested, device) and training.epoch < t.epochs:
+                    if not cfg.train.checkpoint:  # finish_epoch wrote none: the signal still gets its checkpoint
+                        training.save_checkpoint()
                     raise Preempted(run_dir, stop.signal_name or "a signal on another rank", training.epoch - 1,
                                     training.steps)
         # the ranks must end with the same network; the digests go into the summary as evidence

@@ -184,8 +184,31 @@ def test_an_emptied_unit_layer_removes_the_block():
     from cap.export import ShortcutBlock
 
     model = create_model("resnet20", num_classes=10, in_channels=1, input_size=32)
+    randomise(model, 2)
     list(model.blocks())[4].unit_gates()[0].theta.fill_(0.1)
-    assert isinstance(compact_from_gated(model).blocks[4], ShortcutBlock)
+    compact = compact_from_gated(model)
+    assert isinstance(compact.blocks[4], ShortcutBlock)
+    model.eval()
+    set_gate_mode(model, "deterministic")  # the evaluated network drops that block too, and so do its costs
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
+    reported = expected_cost(model, deterministic_values)
+    assert count_macs_params(compact, 32, 1) == (int(reported.macs), int(reported.params))
+
+
+def test_a_model_built_from_a_pruned_architecture_replays_it_without_changes():
+    """Resuming a model.arch run replays the checkpoint's architecture on a model that starts pruned."""
+    from cap.arch import build_from_architecture, removal_plan_for
+
+    model = pruned("resnet20", "every_stage", num_classes=10, in_channels=1, input_size=32)
+    spec = architecture(model, "resnet20", {"num_classes": 10, "in_channels": 1, "input_size": 32})
+    rebuilt = build_from_architecture(spec)
+    assert not removal_plan_for(rebuilt, spec)
+    spec["blocks"][2]["removed"] = False
+    spec["blocks"][2]["widths"] = [16]
+    with pytest.raises(ValueError, match="removed in the model but kept"):
+        removal_plan_for(rebuilt, spec)
 
 
 def test_compact_from_gated_leaves_the_gated_model_alone():

@@ -5,8 +5,9 @@ Each loader yields (images float32 [N, C, H, W] normalised, labels int64 [N]) an
 Without a GPU the pipelines run in DALI's CPU mode (device_id=None); with `device_id` they decode on
 "mixed" and the batches arrive on that GPU.
 
-Resume: in-memory arrays resume exactly where they stopped (the order comes from cap's own sharded
-source); folder readers restart their pass and skip `start_batch` batches, but their shuffle state is
+Resume: in-memory arrays resume at the exact sample where they stopped (the order comes from cap's own
+sharded source), but the augmentation draws of the resumed pass start afresh (DALI's random state is not
+saved); folder readers restart their pass and skip `start_batch` batches, and their shuffle state is
 DALI's own, so the order after a resume differs from an uninterrupted run.
 """
 
@@ -92,16 +93,27 @@ class DaliFolderLoader:
                                             last_batch_policy=getattr(LastBatchPolicy, last_batch),
                                             prepare_first_batch=False)
         self.where, self.epoch, self.start_batch = where, 0, 0
+        self._unfinished: Iterator[Batch] | None = None
 
     def __len__(self) -> int:
         return len(self.iterator)
 
     def __iter__(self) -> Iterator[Batch]:
+        # DALI cannot reset mid-pass: a pass left early (max_steps_per_epoch, BN calibration) is read to
+        # its end first, so that every pass starts at the beginning of an epoch
+        if self._unfinished is not None:
+            for _ in self._unfinished:
+                pass
         skip, self.start_batch = self.start_batch, 0
         self.epoch += 1
+        self._unfinished = self._pass(skip)
+        return self._unfinished
+
+    def _pass(self, skip: int) -> Iterator[Batch]:
         for number, batch in enumerate(_batches(self.iterator, self.where)):
             if number >= skip:
                 yield batch
+        self._unfinished = None
 
 
 def _nhwc(images: torch.Tensor) -> np.ndarray:

@@ -83,9 +83,15 @@ class GatedBlock(nn.Module):
                 x = gate(F.relu(x))
         return x
 
+    def switched_off(self) -> bool:
+        """Off in the deterministic network: its layer gate is off, or an internal layer keeps no unit (the
+        branch would only add its last BN's shift; hardening and export remove such a block whole)."""
+        gates = [g for g in [self.layer_gate, *self.unit_gates()] if g.active]
+        return any(not bool(g.keep_mask().any()) for g in gates)
+
     def forward(self, x: Tensor) -> Tensor:
         gate = self.layer_gate
-        if gate.mode == "deterministic" and gate.active and not bool(gate.keep_mask()):
+        if gate.mode == "deterministic" and self.switched_off():
             return F.relu(self.shortcut(x))  # switched off: the branch is not computed at all
         return F.relu(self.shortcut(x) + gate(self.branch(x)))
 
