@@ -40,10 +40,24 @@ def save_checkpoint(payload: dict[str, Any], directory: Path) -> Path:
         os.fsync(f.fileno())
     last = directory / LAST
     if last.exists():
-        os.replace(last, directory / PREV)
+        if _intact(last):
+            os.replace(last, directory / PREV)
+        else:  # never rotate a damaged file over the good previous checkpoint
+            last.unlink()
     os.replace(tmp, last)
     _fsync_dir(directory)
     return last
+
+
+def _intact(path: Path) -> bool:
+    """Header and checksum of a checkpoint file are right (no unpickling)."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return False
+    header_end = len(MAGIC) + 64 + 1
+    return (raw.startswith(MAGIC) and len(raw) >= header_end
+            and hashlib.sha256(raw[header_end:]).hexdigest().encode() == raw[len(MAGIC):header_end - 1])
 
 
 def _fsync_dir(directory: Path) -> None:

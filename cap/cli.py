@@ -73,6 +73,9 @@ def _export(args: argparse.Namespace) -> int:
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (RuntimeError, OSError) as exc:  # the TorchScript or ONNX exporter itself failed
+        print(f"error: {args.format} export of {args.run_dir} failed: {exc}", file=sys.stderr)
+        return 1
     arch = json.loads((out / "arch.json").read_text())
     print(f"wrote {path} and {out / 'arch.json'}: {arch['macs']:,} MACs, {arch['params']:,} params per image"
           + (f" (widths rounded up to multiples of {args.round_to})" if args.round_to else ""))

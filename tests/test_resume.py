@@ -45,6 +45,14 @@ def test_truncated_checkpoint_falls_back_to_previous(tmp_path):
     assert any("truncated or corrupt" in w and "last.pt" in w for w in warnings)
 
 
+def test_a_damaged_last_is_never_rotated_over_the_previous(tmp_path):
+    save_checkpoint({"epoch": 1}, tmp_path)
+    save_checkpoint({"epoch": 2}, tmp_path)
+    (tmp_path / "last.pt").write_bytes(b"CAPCKPT1\n" + b"0" * 64 + b"\n" + b"garbage")
+    save_checkpoint({"epoch": 3}, tmp_path)
+    assert read_checkpoint(tmp_path / "prev.pt")["epoch"] == 1 and load_latest(tmp_path)[0]["epoch"] == 3
+
+
 def test_corrupt_checkpoints_give_a_clear_error(tmp_path):
     save_checkpoint({"epoch": 1}, tmp_path)
     save_checkpoint({"epoch": 2}, tmp_path)

@@ -95,8 +95,7 @@ class ShardedLoader:
         self.epoch, self.start_batch = 0, 0
 
     def __len__(self) -> int:
-        self.sampler.skip = 0
-        return -(-len(self.sampler) // self.loader.batch_size)
+        return -(-len(self.sampler._indices()) // self.loader.batch_size)  # a whole pass, whatever is skipped
 
     def __iter__(self) -> Iterator:
         self.sampler.epoch, self.sampler.skip = self.epoch, self.start_batch * self.loader.batch_size
