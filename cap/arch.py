@@ -12,7 +12,7 @@ from torch import nn
 
 from cap.models import create_model
 from cap.pruning import RemovalPlan
-from cap.surgery import remove_block, remove_units
+from cap.surgery import apply_plan
 
 
 def architecture(model: nn.Module, name: str, kwargs: dict) -> dict:
@@ -54,9 +54,5 @@ def removal_plan_for(model: nn.Module, spec: dict) -> RemovalPlan:
 
 def build_from_architecture(spec: dict) -> nn.Module:
     model = create_model(spec["name"], **spec["kwargs"])
-    plan = removal_plan_for(model, spec)
-    for block, gate, keep in plan.units:
-        remove_units(block, gate, keep)
-    for block, _ in plan.blocks:
-        remove_block(model, block)
+    apply_plan(model, removal_plan_for(model, spec))
     return model

@@ -49,15 +49,22 @@ def save_checkpoint(payload: dict[str, Any], directory: Path) -> Path:
     return last
 
 
+def _payload(raw: bytes) -> tuple[bytes, str, str] | None:
+    """(payload, sha256 in the header, sha256 of the payload), or None without a cap checkpoint header."""
+    header_end = len(MAGIC) + 64 + 1
+    if not raw.startswith(MAGIC) or len(raw) < header_end:
+        return None
+    data = raw[header_end:]
+    return data, raw[len(MAGIC):header_end - 1].decode(errors="replace"), hashlib.sha256(data).hexdigest()
+
+
 def _intact(path: Path) -> bool:
     """Header and checksum of a checkpoint file are right (no unpickling)."""
     try:
-        raw = path.read_bytes()
+        parts = _payload(path.read_bytes())
     except OSError:
         return False
-    header_end = len(MAGIC) + 64 + 1
-    return (raw.startswith(MAGIC) and len(raw) >= header_end
-            and hashlib.sha256(raw[header_end:]).hexdigest().encode() == raw[len(MAGIC):header_end - 1])
+    return parts is not None and parts[1] == parts[2]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -74,12 +81,10 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raw = path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
-    header_end = len(MAGIC) + 64 + 1
-    if not raw.startswith(MAGIC) or len(raw) < header_end:
+    parts = _payload(raw)
+    if parts is None:
         raise CheckpointError(f"checkpoint {path} is not a cap checkpoint (no '{MAGIC.decode().strip()}' header)")
-    expected = raw[len(MAGIC):header_end - 1].decode(errors="replace")
-    data = raw[header_end:]
-    actual = hashlib.sha256(data).hexdigest()
+    data, expected, actual = parts
     if actual != expected:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: sha256 of its {len(data)} payload bytes "
                               f"is {actual[:12]}..., the header says {expected[:12]}...")

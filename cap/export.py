@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from cap.arch import architecture, build_from_architecture
 from cap.gates import gates_of, set_gate_mode
 from cap.models.blocks import GatedBlock
-from cap.pruning import plan_removals
-from cap.surgery import remove_block, remove_units
+from cap.pruning import deterministic_plan
+from cap.surgery import apply_plan
 
 FORMAT = "cap-compact-1"
 FORMATS = ("state_dict", "torchscript", "onnx")
@@ -69,12 +69,7 @@ class CompactResNet(nn.Module):
 
 def _drop_switched_off(model: nn.Module) -> None:
     """Physically remove what the deterministic network switches off, so that every gate left is all-ones."""
-    remove = {g: ~g.keep_mask() for b in model.blocks() for g in [b.layer_gate, *b.unit_gates()] if g.active}
-    plan = plan_removals(list(model.blocks()), remove)
-    for block, gate, keep in plan.units:
-        remove_units(block, gate, keep)
-    for block, _ in plan.blocks:
-        remove_block(model, block)
+    apply_plan(model, deterministic_plan(list(model.blocks())))
 
 
 def _pad_widths(block: GatedBlock, multiple: int) -> None:

@@ -22,7 +22,7 @@ from cap.complexity import deterministic_values, expected_cost, ones_values
 from cap.config import PruneConfig
 from cap.gates import Gate, gates_of, set_gate_mode
 from cap.objective import ComplexityPenalty, ThetaSGD
-from cap.pruning import PruningMonitor, RemovalPlan, plan_removals
+from cap.pruning import PruningMonitor, RemovalPlan, deterministic_plan, plan_removals
 from cap.surgery import remove_block, remove_units
 
 
@@ -211,8 +211,7 @@ class Pruner:
     def harden(self) -> list[PruneEvent]:
         """Fix the deterministic network: theta < 0.5 removed, the rest set to 1 and ungated."""
         self.state.undecided_at_harden = self.undecided()
-        remove = {g: ~g.keep_mask() for g in self.active_gates()}
-        plan = plan_removals(list(self.model.blocks()), remove)
+        plan = deterministic_plan(list(self.model.blocks()))
         self._check_agreement(f"hardening at step {self.state.step}", plan)
         events = self.apply(plan)
         for gate in gates_of(self.model):

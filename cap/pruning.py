@@ -94,3 +94,10 @@ def plan_removals(blocks: list[GatedBlock], remove: dict[Gate, Tensor]) -> Remov
             unit_plans.append((block, gate, (~mask).nonzero().squeeze(1)))
         plan.units.extend(unit_plans)
     return plan
+
+
+def deterministic_plan(blocks: list[GatedBlock]) -> RemovalPlan:
+    """The removals that make the deterministic network (xi = 1[theta >= 0.5]) physical: used by hardening
+    and by export."""
+    remove = {g: ~g.keep_mask() for b in blocks for g in [b.layer_gate, *b.unit_gates()] if g.active}
+    return plan_removals(blocks, remove)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from cap.gates import Gate
 from cap.models.blocks import GatedBlock, RemovedBlock
+from cap.pruning import RemovalPlan
 
 
 def _swap_parameter(module: nn.Module, name: str, new_data: Tensor, optimizer, index) -> None:
@@ -77,3 +78,11 @@ def remove_block(model: nn.Module, block: GatedBlock, optimizer=None) -> Removed
     removed = RemovedBlock(block.shortcut)
     model.replace_block(block, removed)
     return removed
+
+
+def apply_plan(model: nn.Module, plan: RemovalPlan, optimizer=None) -> None:
+    """Carry out `plan`: units first, then whole blocks."""
+    for block, gate, keep in plan.units:
+        remove_units(block, gate, keep, optimizer)
+    for block, _ in plan.blocks:
+        remove_block(model, block, optimizer)
