@@ -4,6 +4,9 @@
     cap train --resume RUN_DIR                              continue a run from its newest good checkpoint
     cap sync RUN_DIR                                        send tracking records kept while a server was away
     cap export RUN_DIR [--format F] [--round-to K]          the compact model (plain layers) + arch.json
+    cap sweep SWEEP.yaml [--address A] [--resume]           Ray Tune over tau/alpha/beta (see sweeps/)
+    cap pareto --experiment NAME [--parent RUN_ID]          Pareto fronts of runs tracked in MLflow
+    cap submit --cluster slurm/x.yaml [--wait] -- train|sweep ...   the same commands as SLURM jobs
 """
 
 from __future__ import annotations
@@ -111,10 +114,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pad kept internal widths up to a multiple of K with zero channels (same outputs, "
                           "more MACs; tensor-core friendly shapes)")
     exp.set_defaults(func=_export)
+    for name, (_, text) in DELEGATED.items():  # listed in --help; main() hands their arguments over whole
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
+# Commands with their own argument parsers, in their own modules (imported only when used).
+DELEGATED = {
+    "sweep": ("cap.sweep_cli", "Ray Tune sweep of tau/alpha/beta (sweeps/*.yaml)"),
+    "pareto": ("cap.pareto_cli", "Pareto fronts and hypervolumes of runs tracked in MLflow"),
+    "submit": ("cap.launch.submit_cli", "run `cap train` or `cap sweep` as a SLURM job (submitit)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

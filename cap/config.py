@@ -134,6 +134,8 @@ class TrackingConfig:
     """MLflow run name (default: the run folder's name)"""
     timeout: float = 10.0
     """seconds a request to a tracking server may take before the run goes on without it"""
+    parent_run_id: str | None = None
+    """nest the run under this MLflow run (a sweep's parent run; `cap sweep` sets it for its trials)"""
 
 
 @dataclass

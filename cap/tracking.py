@@ -585,7 +585,9 @@ def open_tracker(cfg: TrackingConfig, run_dir: Path, resume_run_id: str | None =
         return tracker
 
     op = {"op": "create_run", "experiment": cfg.experiment, "run_name": cfg.run_name or run_dir.resolve().name,
-          "start_time": _now_ms(), "tags": {"cap.run_dir": str(run_dir.resolve())}}
+          "start_time": _now_ms(), "tags": {"cap.run_dir": str(run_dir.resolve()),
+                                            **({"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id
+                                               else {})}}
     try:
         channel.send(op)  # writes tracking.json with the run id
     except RuntimeError:
