@@ -115,10 +115,11 @@ def load_latest(directory: Path, log: Callable[[str], None] = print) -> tuple[di
 
 
 class StopRequest:
-    """Remembers a SIGTERM/SIGUSR1 (preemption, a scheduler's time-limit warning) until training can stop
-    at a step boundary and write a checkpoint. Handlers are installed only in the main thread."""
+    """Remembers a SIGTERM/SIGUSR1/SIGUSR2 (preemption, a scheduler's time-limit warning; USR2 is submitit's)
+    until training can stop at a step boundary and write a checkpoint. Handlers are installed only in the
+    main thread."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.signal_name: str | None = None

@@ -52,6 +52,7 @@ class Preempted(Exception):
         super().__init__(f"stopped by {signal_name} in epoch {epoch + 1} after step {step}; checkpoint written; "
                          f"continue with: cap train --resume {run_dir}")
         self.run_dir = run_dir
+        self.signal_name = signal_name  # a launcher requeues on its own signal only (cap.launch.jobs)
 
 
 def seed_everything(seed: int) -> None:

@@ -78,7 +78,7 @@ def test_checkpoint_refuses_pickled_objects(tmp_path):
         read_checkpoint(tmp_path / "last.pt")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
 def test_stop_request_catches_the_signal_and_restores_handlers(sig):
     before = signal.getsignal(sig)
     with StopRequest() as stop:
