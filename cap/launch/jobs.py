@@ -1,0 +1,141 @@
+"""What a SLURM job runs: `TrainJob` (one task per GPU or CPU worker, DDP from submitit's environment)
+and `SweepJob` (Ray Tune on top of the job's allocation).
+
+Both are submitit Checkpointables: when SLURM warns of the time limit or a preemption with SIGUSR2,
+submitit calls `checkpoint()`, pickles what it returns and requeues the job. A TrainJob lets the
+trainer act first: cap's StopRequest catches SIGUSR2 like SIGTERM, every rank stops at the same step
+boundary, rank 0 writes checkpoints/last.pt, and only then is submitit's handler (restored by the
+trainer) asked to requeue. The requeued job sees the checkpoint and resumes the run folder; the same
+happens when SLURM itself requeues (scontrol requeue, a preemption sends SIGTERM): every start of a
+TrainJob continues from the newest checkpoint there is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+EXIT_PREEMPTED = 75  # as `cap train`: stopped after writing a checkpoint
+RESUME_SIGNAL = "SIGUSR2"  # submitit's preemption/time-limit signal (SLURM --signal=USR2@delay)
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    from cap.trainer import CHECKPOINT_DIR
+
+    return any((run_dir / CHECKPOINT_DIR).glob("*.pt"))
+
+
+def _stop_after_checkpoint(signal_name: str | None) -> None:
+    """The trainer has written its checkpoint on every rank's behalf; leave the job so that it is requeued.
+
+    On SIGUSR2, rank 0 hands over to submitit's handler (checkpoint() -> requeue -> exit). On SIGTERM, SLURM
+    is already ending the job (scontrol requeue, preemption, scancel): just leave. SystemExit, not an
+    exception, so that submitit writes no result file and the client keeps waiting for the requeued job."""
+    rank = int(os.environ.get("RANK", "0"))
+    handler = signal.getsignal(signal.SIGUSR2)
+    if rank == 0 and signal_name == RESUME_SIGNAL and callable(handler):
+        handler(signal.SIGUSR2, None)  # raises UncompletedJobError when submitit refuses (too many requeues)
+    sys.exit(EXIT_PREEMPTED)
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """`cap train` as one task of a SLURM job; `config` is the resolved configuration (None: resume only)."""
+
+    def __init__(self, config: dict[str, Any] | None, run_dir: str) -> None:
+        self.config = config
+        self.run_dir = run_dir
+
+    def __call__(self) -> dict:
+        import torch
+
+        from cap.config import build_config
+        from cap.trainer import Preempted, resume, run
+
+        # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM's; every task sees all GPUs of its
+        # node, and the trainer picks cuda:LOCAL_RANK
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))
+        run_dir = Path(self.run_dir)
+        try:
+            if self.config is None or _has_checkpoint(run_dir):
+                return resume(run_dir)
+            return run(build_config(self.config), run_dir)
+        except Preempted as exc:
+            _stop_after_checkpoint(exc.signal_name)
+            raise  # not reached
+
+
+# ---------------------------------------------------------------------------- sweeps
+def _node_resources() -> dict[str, int]:
+    cpus = int(os.environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
+    gpus = os.environ.get("SLURM_GPUS_ON_NODE") or ""
+    return {"CPU": cpus, "GPU": int(gpus) if gpus.isdigit() else 0}
+
+
+def _wait_for_port(host: str, port: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"the Ray head at {host}:{port} did not come up within {seconds:.0f} s")
+
+
+def ray_start_command(head: str, port: int, resources: dict[str, int], is_head: bool) -> list[str]:
+    """`ray start` for one node of the allocation; --block keeps it in the foreground, so that the job owns it
+    and ending the process ends that node's Ray (never `ray stop`, which stops every Ray on the machine)."""
+    ray = str(Path(sys.executable).parent / "ray")
+    where = ["--head", f"--node-ip-address={head}", f"--port={port}"] if is_head else [f"--address={head}:{port}"]
+    return [ray, "start", *where, f"--num-cpus={resources['CPU']}", f"--num-gpus={resources['GPU']}", "--block"]
+
+
+class SweepJob(submitit.helpers.Checkpointable):
+    """`cap sweep SPEC` on the job's allocation: one task per node. On one node Ray starts inside `cap sweep`
+    with the node's allocated CPUs; on several, task 0 starts a Ray head, the others join it, and task 0 runs
+    the sweep against it. A requeued SweepJob runs the same command again, which restores the sweep."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+
+    def __call__(self) -> int:
+        from cap import sweep_cli
+
+        env = submitit.JobEnvironment()
+        resources = _node_resources()
+        if env.num_nodes == 1:  # ray.init inside the sweep takes the allocation, not the whole machine
+            os.environ["RAY_OVERRIDE_RESOURCES"] = json.dumps(resources)
+            return self._check(sweep_cli.main(list(self.args)))
+        head = env.hostnames[0]
+        port = random.Random(f"ray-{env.job_id}").randint(20000, 60000)  # same on every task, differs per job
+        if env.global_rank != 0:
+            _wait_for_port(head, port, 300)
+            subprocess.run(ray_start_command(head, port, resources, is_head=False), check=False)
+            return 0
+        if shutil.which(ray_start_command(head, port, resources, True)[0]) is None:
+            raise RuntimeError("the `ray` command is not installed next to this Python")
+        ray_head = subprocess.Popen(ray_start_command(head, port, resources, is_head=True))
+        try:
+            _wait_for_port(head, port, 300)
+            return self._check(sweep_cli.main([*self.args, "--address", f"{head}:{port}"]))
+        finally:
+            ray_head.terminate()
+            ray_head.wait(timeout=120)
+
+    @staticmethod
+    def _check(code: int) -> int:
+        if code != 0:
+            raise RuntimeError(f"cap sweep exited with status {code}")
+        return code
