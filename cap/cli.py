@@ -25,7 +25,7 @@ def _train(args: argparse.Namespace) -> int:
     from cap.checkpoint import CheckpointError
     from cap.data import DataError
     from cap.distributed import RankMismatchError
-    from cap.trainer import Preempted, resume, run
+    from cap.trainer import Preempted, TrainingDiverged, resume, run
 
     try:
         if args.resume is not None:
@@ -38,7 +38,7 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except RankMismatchError as exc:
+    except (RankMismatchError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Preempted as exc:

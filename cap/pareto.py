@@ -30,3 +30,15 @@ def hypervolume_2d(points: Sequence[Point], reference: Point = (0.0, 0.0)) -> fl
             area += (x - rx) * (y - best_y)
             best_y = y
     return area
+
+
+def hypervolume_3d(points: Sequence[Point], reference: Point = (0.0, 0.0, 0.0)) -> float:
+    """Volume dominated by `points` above `reference`: 2-D slices swept down the third coordinate."""
+    rx, ry, rz = reference
+    above = [(x, y, z) for x, y, z in points if x > rx and y > ry and z > rz]
+    levels = sorted({z for _, _, z in above}, reverse=True) + [rz]
+    volume = 0.0
+    for top, below in zip(levels, levels[1:], strict=False):
+        # between `below` and `top` the points with z >= top dominate the same 2-D area
+        volume += hypervolume_2d([(x, y) for x, y, z in above if z >= top], (rx, ry)) * (top - below)
+    return volume

@@ -101,6 +101,11 @@ def _normalize_uri(uri: str) -> str:
     return uri
 
 
+def resolve_uri(uri: str | None) -> str:
+    """The store a run logs to: `uri` made absolute, or the embedded default sqlite:///<cwd>/mlflow.db."""
+    return _normalize_uri(uri or f"sqlite:///{Path.cwd()}/mlflow.db")
+
+
 def _local_artifact_location(uri: str) -> str | None:
     """Artifact folder next to a local store (`<db dir>/mlartifacts`); None for servers.
 
@@ -233,7 +238,7 @@ def _locked(run_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _ensure_experiment(client: Any, name: str, uri: str) -> str:
+def ensure_experiment(client: Any, name: str, uri: str) -> str:
     """The id of experiment `name`, created (with a local artifact folder for local stores) if missing."""
     from mlflow.exceptions import MlflowException
 
@@ -341,7 +346,7 @@ class _Channel:
     def _create_run(self, op: dict) -> None:
         if self.state.get("run_id"):  # created already; the pending file was not rewritten in time
             return
-        experiment_id = _ensure_experiment(self.client, op["experiment"], self.uri)
+        experiment_id = ensure_experiment(self.client, op["experiment"], self.uri)
         run = self.client.create_run(experiment_id, start_time=int(op["start_time"]), tags=op.get("tags") or {},
                                      run_name=op.get("run_name"))
         self.state.update(experiment_id=experiment_id, run_id=run.info.run_id)
@@ -552,7 +557,7 @@ def open_tracker(cfg: TrackingConfig, run_dir: Path, resume_run_id: str | None =
         return NullTracker()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    uri = _normalize_uri(cfg.uri or f"sqlite:///{Path.cwd()}/mlflow.db")
+    uri = resolve_uri(cfg.uri)
     old = _read_json(run_dir / STATE_FILE)
     with _locked(run_dir):
         if resume_run_id and old and resume_run_id in (old.get("run_id"), old.get("local_id")):

@@ -45,6 +45,10 @@ CHECKPOINT_DIR = "checkpoints"
 Log = Callable[[str], None]
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite: going on would only burn compute on a broken network."""
+
+
 class Preempted(Exception):
     """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint; `cap train --resume` continues it."""
 
@@ -279,6 +283,12 @@ class Training:
 
     def finish_epoch(self) -> dict:
         """Hardening check, BN re-estimation, evaluation, records, checkpoint."""
+        m = self.meter
+        seen = self.ctx.sum(torch.tensor([m["loss_sum"], m["correct"], m["seen"]], dtype=torch.float64,
+                                         device=self.device)).tolist()
+        if not math.isfinite(seen[0]):  # checked once an epoch: the loss is on the host already, no extra sync
+            raise TrainingDiverged(f"training loss is {seen[0]} in epoch {self.epoch + 1}: the run diverged "
+                                   f"(train.lr={self.cfg.train.lr:g}; try a lower rate or train.grad_clip)")
         events = self.pruner.end_epoch(self.epoch)
         if events:
             self._after_surgery()
@@ -286,9 +296,6 @@ class Training:
         recalibrate_bn(self.model, self.data.calib(self.cfg.prune.bn_batches), self.device)
         result = evaluate(self.model, self.data.test, self.device, self.ctx, self.amp_dtype)
         stats = self.pruner.stats()
-        m = self.meter
-        seen = self.ctx.sum(torch.tensor([m["loss_sum"], m["correct"], m["seen"]], dtype=torch.float64,
-                                         device=self.device)).tolist()
         record = {"epoch": self.epoch + 1, "train_loss": seen[0] / max(seen[2], 1),
                   "train_acc": seen[1] / max(seen[2], 1), **result, **stats, "epoch_seconds": m["seconds"],
                   "blocks_removed": m["blocks_removed"] + sum(e.kind == "block" for e in events),
@@ -374,7 +381,12 @@ def _open_tracker(cfg: Config, out_dir: Path, ctx: DistContext, resume_id: str |
     return open_tracker(cfg.tracking, out_dir, log=log)
 
 
-def _train(cfg: Config, out_dir: Path | None, log: Log, resume_dir: Path | None = None) -> dict:
+EpochHook = Callable[[dict], Any]
+"""called on rank 0 with each finished epoch's history record (a sweep reports it to Ray Tune)"""
+
+
+def _train(cfg: Config, out_dir: Path | None, log: Log, resume_dir: Path | None = None,
+           on_epoch: EpochHook | None = None) -> dict:
     ctx = init_distributed(pick_device(cfg.train.device).type)
     device = pick_device(cfg.train.device, ctx.local_rank)
     if not ctx.is_main:
@@ -423,6 +435,8 @@ def _train(cfg: Config, out_dir: Path | None, log: Log, resume_dir: Path | None 
                 hardened = training.pruner.enabled and training.pruner.state.hardened
                 log(epoch_line(record, t.epochs, hardened))
                 tracker.log_metrics({k: float(record[k]) for k in EPOCH_METRICS}, step=record["epoch"])
+                if on_epoch is not None and ctx.is_main:
+                    on_epoch(record)
                 if ctx.any(stop.requested, device) and training.epoch < t.epochs:
                     if not cfg.train.checkpoint:  # finish_epoch wrote none: the signal still gets its checkpoint
                         training.save_checkpoint()
@@ -449,12 +463,12 @@ def _train(cfg: Config, out_dir: Path | None, log: Log, resume_dir: Path | None 
         ctx.close()
 
 
-def run(cfg: Config, out_dir: Path | str | None = None, log: Log = print) -> dict:
+def run(cfg: Config, out_dir: Path | str | None = None, log: Log = print, on_epoch: EpochHook | None = None) -> dict:
     """Train one model as configured; write config.yaml, summary.json, history.json, model.pt, plots, checkpoints."""
-    return _train(cfg, Path(out_dir) if out_dir is not None else None, log)
+    return _train(cfg, Path(out_dir) if out_dir is not None else None, log, on_epoch=on_epoch)
 
 
-def resume(run_dir: Path | str, log: Log = print) -> dict:
+def resume(run_dir: Path | str, log: Log = print, on_epoch: EpochHook | None = None) -> dict:
     """Continue the run in `run_dir` from its newest good checkpoint, with the configuration it was started with."""
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
@@ -464,4 +478,4 @@ def resume(run_dir: Path | str, log: Log = print) -> dict:
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing: cannot resume without the run's configuration")
     cfg = build_config(yaml.safe_load(config_file.read_text()))
-    return _train(cfg, run_dir, log, resume_dir=run_dir)
+    return _train(cfg, run_dir, log, resume_dir=run_dir, on_epoch=on_epoch)

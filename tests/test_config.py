@@ -59,3 +59,24 @@ def test_cli_rejects_bad_input_before_any_work(tmp_path, args, needle):
 def test_cli_help_lists_the_train_flags(tmp_path):
     result = _cap("train", "--help", cwd=tmp_path)
     assert result.returncode == 0 and "--config" in result.stdout and "key=value" in result.stdout
+
+
+def test_scientific_notation_is_a_number_in_yaml_and_overrides(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string; a learning rate written that way must still work
+    path = tmp_path / "sci.yaml"
+    path.write_text("train:\n  lr: 1e-3\n")
+    assert load_config(path, ["prune.eta=2E-2"]).train.lr == 1e-3
+    assert build_config({}, ["prune.eta=2E-2"]).prune.eta == 0.02
+    with pytest.raises(ConfigError, match="train.lr"):
+        build_config({}, ["train.lr=1e-3x"])
+
+
+def test_cli_stops_a_diverged_run_with_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    result = _cap("train", "--config", "configs/smoke.yaml", "--out", str(out), "train.lr=1e6", "train.epochs=2",
+                  "data.train_subset=300", "data.test_subset=100", "tracking.enabled=false", "train.progress=false",
+                  cwd=".")
+    assert result.returncode == 1, result.stderr
+    assert "training loss is nan in epoch 1" in result.stderr and "train.lr=1e+06" in result.stderr
+    assert not (out / "summary.json").exists()
+    assert not (out / "checkpoints" / "last.pt").exists()  # a broken network is not saved over anything

@@ -1,0 +1,258 @@
+"""Sweep specifications (sweeps/*.yaml): the base experiment, the search space, and how trials run.
+
+Loading validates everything before Ray starts: unknown or missing keys, bad ranges, and every value
+the space can produce for a config key (grid/choice values and range bounds are built into a config
+and checked by cap.config), so a sweep never fails hours later on a typo.
+
+    name: fmnist-resnet20            # Ray experiment name and MLflow parent run name
+    base:
+      config: ../configs/fmnist_resnet20.yaml   # relative to the sweep file
+      overrides: [train.epochs=4]
+    space:                           # dotted config keys; usually the three trade-offs
+      prune.tau: {loguniform: [0.1, 2.0]}
+      prune.alpha: {grid: [0.0, 0.5, 1.0]}
+      prune.beta: {uniform: [0.2, 0.8]}
+    search: random                   # grid | random | optuna
+    num_samples: 2                   # random: per grid point; optuna: trials in all; grid: repeats
+    resources: {cpus: 1, gpus: 0}    # per trial
+    max_concurrent: 2
+    max_failures: 1                  # a failed trial is retried this many times, then reported
+    scheduler: null                  # or {type: asha, metric: test_acc, grace_period: 2, reduction_factor: 2}
+    storage: sweeps_out              # Ray's experiment folder and the trials' run folders (relative to cwd)
+    tracking: {uri: null, experiment: cap-sweeps}
+    seed: 0                          # of the search (the trials' training seed is the base config's)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cap.config import Config, ConfigError, build_config, load_config, parse_override, to_dict
+
+RANGE_KINDS = ("uniform", "loguniform")
+LIST_KINDS = ("grid", "choice")
+SEARCHES = ("grid", "random", "optuna")
+SCHEDULER_TYPES = ("asha",)
+TOP_KEYS = {"name", "base", "space", "search", "num_samples", "resources", "max_concurrent", "max_failures",
+            "scheduler", "storage", "tracking", "seed"}
+
+OBJECTIVES = ("test_acc", "mac_reduction", "param_reduction")
+"""what every trial reports at its end and what optuna maximises (jointly)"""
+
+
+class SweepSpecError(ConfigError):
+    """The sweep file is wrong; the message names the file, the key and what is allowed."""
+
+
+@dataclass
+class Dimension:
+    key: str
+    kind: str
+    values: list[Any]
+    """grid/choice: the values; uniform/loguniform: [low, high]"""
+
+    def ray(self) -> Any:
+        from ray import tune
+
+        if self.kind == "grid":
+            return tune.grid_search(self.values)
+        if self.kind == "choice":
+            return tune.choice(self.values)
+        low, high = self.values
+        return tune.loguniform(low, high) if self.kind == "loguniform" else tune.uniform(low, high)
+
+
+@dataclass
+class Scheduler:
+    type: str = "asha"
+    metric: str = "test_acc"
+    grace_period: int = 1
+    reduction_factor: int = 2
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    path: Path
+    base_config: Path | None
+    base_overrides: list[str]
+    space: list[Dimension]
+    search: str = "random"
+    num_samples: int = 1
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    max_failures: int = 1
+    scheduler: Scheduler | None = None
+    storage: Path = field(default_factory=lambda: Path("sweeps_out"))
+    tracking_uri: str | None = None
+    experiment: str = "cap-sweeps"
+    seed: int = 0
+
+    @property
+    def experiment_dir(self) -> Path:
+        """Ray's experiment folder; the trials' cap run folders live in its runs/ subfolder."""
+        return self.storage / self.name
+
+    def base(self) -> Config:
+        return load_config(self.base_config, self.base_overrides)
+
+    def trial_config(self, params: dict[str, Any]) -> Config:
+        """The base experiment with one trial's values (dotted keys) applied; validated."""
+        return with_values(to_dict(self.base()), params)
+
+
+def with_values(data: dict, values: dict[str, Any]) -> Config:
+    """A config from a config mapping with dotted keys set to values (no YAML round trip: floats stay exact)."""
+    data = copy.deepcopy(data)
+    for key, value in values.items():
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return build_config(data)
+
+
+def _fail(spec_path: Path, key: str, message: str) -> SweepSpecError:
+    return SweepSpecError(f"sweep '{spec_path}': key '{key}': {message}")
+
+
+def _number(spec_path: Path, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _fail(spec_path, key, f"got {value!r}, expected a finite number")
+    return float(value)
+
+
+def _dimension(spec_path: Path, key: str, raw: Any) -> Dimension:
+    where = f"space.{key}"
+    if not isinstance(raw, dict) or len(raw) != 1:
+        raise _fail(spec_path, where, f"got {raw!r}, expected one of "
+                                      f"{{grid: [...]}}, {{choice: [...]}}, {{uniform: [low, high]}}, "
+                                      f"{{loguniform: [low, high]}}")
+    kind, values = next(iter(raw.items()))
+    if kind in LIST_KINDS:
+        if not isinstance(values, list) or not values:
+            raise _fail(spec_path, where, f"{kind} needs a non-empty list of values, got {values!r}")
+        return Dimension(key, kind, values)
+    if kind in RANGE_KINDS:
+        if not isinstance(values, list) or len(values) != 2:
+            raise _fail(spec_path, where, f"{kind} needs [low, high], got {values!r}")
+        low, high = (_number(spec_path, where, v) for v in values)
+        if not low < high:
+            raise _fail(spec_path, where, f"{kind} needs low < high, got [{low:g}, {high:g}]")
+        if kind == "loguniform" and low <= 0:
+            raise _fail(spec_path, where, f"loguniform needs low > 0, got {low:g}")
+        return Dimension(key, kind, [low, high])
+    raise _fail(spec_path, where, f"unknown kind '{kind}'; allowed: {', '.join(LIST_KINDS + RANGE_KINDS)}")
+
+
+def _check_values(spec: SweepSpec) -> None:
+    """Every value a dimension can take must make a valid config on its own (names the key if not)."""
+    base = to_dict(spec.base())
+    for dim in spec.space:
+        for value in dim.values:
+            try:
+                with_values(base, {dim.key: value})
+            except ConfigError as exc:
+                raise _fail(spec.path, f"space.{dim.key}", f"value {value!r} is not valid: {exc}") from exc
+
+
+def _mapping(spec_path: Path, key: str, raw: Any, allowed: set[str]) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _fail(spec_path, key, f"expected a mapping, got {raw!r}")
+    unknown = set(raw) - allowed
+    if unknown:
+        raise _fail(spec_path, f"{key}.{sorted(unknown)[0]}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
+    return raw
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and fully validate a sweep file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepSpecError(f"sweep file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SweepSpecError(f"sweep file '{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SweepSpecError(f"sweep file '{path}' must be a mapping of keys, got {type(raw).__name__}")
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise _fail(path, sorted(unknown)[0], f"unknown key; allowed: {', '.join(sorted(TOP_KEYS))}")
+    for required in ("name", "space"):
+        if required not in raw:
+            raise _fail(path, required, "missing (required)")
+    name = raw["name"]
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise _fail(path, "name", f"got {name!r}, expected a non-empty folder-safe name")
+
+    base = _mapping(path, "base", raw.get("base"), {"config", "overrides"})
+    base_config = (path.parent / base["config"]).resolve() if base.get("config") else None
+    overrides = base.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise _fail(path, "base.overrides", f"expected a list of key=value strings, got {overrides!r}")
+    for text in overrides:
+        parse_override(text)
+
+    space_raw = raw["space"]
+    if not isinstance(space_raw, dict) or not space_raw:
+        raise _fail(path, "space", "expected a non-empty mapping of config keys to dimensions")
+    space = [_dimension(path, key, value) for key, value in space_raw.items()]
+
+    search = raw.get("search", "random")
+    if search not in SEARCHES:
+        raise _fail(path, "search", f"got {search!r}, allowed: {', '.join(SEARCHES)}")
+    if search == "grid" and (ranged := [d.key for d in space if d.kind != "grid"]):
+        raise _fail(path, f"space.{ranged[0]}", "search: grid takes only {grid: [...]} dimensions")
+    if search == "optuna" and (grids := [d.key for d in space if d.kind == "grid"]):
+        raise _fail(path, f"space.{grids[0]}", "search: optuna samples its points; use choice instead of grid")
+
+    resources = _mapping(path, "resources", raw.get("resources"), {"cpus", "gpus"})
+    tracking = _mapping(path, "tracking", raw.get("tracking"), {"uri", "experiment"})
+    sched_raw = raw.get("scheduler")
+    scheduler = None
+    if sched_raw is not None:
+        sched = _mapping(path, "scheduler", sched_raw, {"type", "metric", "grace_period", "reduction_factor"})
+        scheduler = Scheduler(**sched)
+        if scheduler.type not in SCHEDULER_TYPES:
+            raise _fail(path, "scheduler.type", f"got {scheduler.type!r}, allowed: {', '.join(SCHEDULER_TYPES)}")
+
+    def count(key: str, value: Any, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise _fail(path, key, f"got {value!r}, expected an integer >= {minimum}")
+        return value
+
+    max_concurrent = raw.get("max_concurrent")
+    spec = SweepSpec(
+        name=name, path=path, base_config=base_config, base_overrides=list(overrides), space=space, search=search,
+        num_samples=count("num_samples", raw.get("num_samples", 1), 1),
+        cpus_per_trial=_number(path, "resources.cpus", resources.get("cpus", 1)),
+        gpus_per_trial=_number(path, "resources.gpus", resources.get("gpus", 0)),
+        max_concurrent=None if max_concurrent is None else count("max_concurrent", max_concurrent, 1),
+        max_failures=count("max_failures", raw.get("max_failures", 1), 0),
+        scheduler=scheduler,
+        storage=Path(raw.get("storage") or "sweeps_out").resolve(),
+        tracking_uri=tracking.get("uri"), experiment=tracking.get("experiment", "cap-sweeps"),
+        seed=count("seed", raw.get("seed", 0), 0),
+    )
+    if spec.cpus_per_trial <= 0 or spec.gpus_per_trial < 0:
+        raise _fail(path, "resources", f"need cpus > 0 and gpus >= 0, got cpus={spec.cpus_per_trial:g} "
+                                       f"gpus={spec.gpus_per_trial:g}")
+    if scheduler is not None and scheduler.metric not in ("test_acc", "test_loss", "train_loss"):
+        raise _fail(path, "scheduler.metric", f"got {scheduler.metric!r}, allowed: test_acc, test_loss, train_loss")
+    if spec.base_config is not None and not spec.base_config.is_file():
+        raise _fail(path, "base.config", f"'{spec.base_config}' does not exist (relative paths are taken from the "
+                                         "sweep file's folder)")
+    spec.base()  # the base experiment itself must be valid
+    _check_values(spec)
+    return spec
