@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
-APT_PACKAGES=(dataset-fashion-mnist)
+# chromium + fonts-liberation: the headless check of the MLflow UI (tests/browser_ui.py). Node/npm from Debian
+# only where none is on PATH (a NodeSource nodejs already provides npm and conflicts with Debian's npm).
+APT_PACKAGES=(dataset-fashion-mnist chromium fonts-liberation)
+command -v node >/dev/null || APT_PACKAGES+=(nodejs)
+command -v npm >/dev/null || APT_PACKAGES+=(npm)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -33,5 +37,12 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   # test data only: foolbox ships 20 real ImageNet JPEGs; its own dependencies are not needed
   .venv/bin/pip install -q --no-deps foolbox==3.3.4
   touch "$STAMP"
+fi
+# playwright-core for the browser check, pinned by tests/browser/package-lock.json; no browser download
+NPM_STAMP=tests/browser/node_modules/.cap-installed
+if [ ! -f "$NPM_STAMP" ] || [ tests/browser/package-lock.json -nt "$NPM_STAMP" ]; then
+  log "installing tests/browser/node_modules (npm ci)"
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  touch "$NPM_STAMP"
 fi
 log "ready: $(.venv/bin/python -c 'import torch, cap; print("torch", torch.__version__, "cap", cap.__version__)')"
