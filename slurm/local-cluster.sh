@@ -132,6 +132,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# a requeued job may start again after cred_expire seconds (default 120): short, for the requeue tests
+AuthInfo=cred_expire=5
 StateSaveLocation=$SPOOL/ctld
 SlurmdSpoolDir=$SPOOL/d
 SlurmctldPidFile=/run/slurmctld.pid
@@ -148,6 +150,8 @@ JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# look at pending jobs every few seconds (defaults 60/30 s): a requeued job starts again promptly
+SchedulerParameters=sched_interval=5,bf_interval=5
 MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
