@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
-
-import itertools
 
 from cap.pareto import dominates, hypervolume_2d, hypervolume_3d, non_dominated
 
