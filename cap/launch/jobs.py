@@ -12,7 +12,6 @@ TrainJob continues from the newest checkpoint there is.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -115,8 +114,7 @@ class SweepJob(submitit.helpers.Checkpointable):
 
         env = submitit.JobEnvironment()
         resources = _node_resources()
-        if env.num_nodes == 1:  # ray.init inside the sweep takes the allocation, not the whole machine
-            os.environ["RAY_OVERRIDE_RESOURCES"] = json.dumps(resources)
+        if env.num_nodes == 1:  # cap sweep starts Ray itself, sized by SLURM_CPUS_ON_NODE (the allocation)
             return self._check(sweep_cli.main(list(self.args)))
         head = env.hostnames[0]
         port = random.Random(f"ray-{env.job_id}").randint(20000, 60000)  # same on every task, differs per job
