@@ -95,7 +95,7 @@ def ensure_node_modules(timeout: float = 600.0) -> None:
 
 def check_mlflow_ui(base_url: str, experiment: str, expect: list[str], screenshot: Path,
                     filter_string: str | None = None, *, absent: list[str] | None = None,
-                    timeout_s: float = 60.0) -> dict:
+                    expand_nested: bool = False, timeout_s: float = 60.0) -> dict:
     """Open the runs page of `experiment` (name or id) in the MLflow UI at `base_url`, optionally type
     `filter_string` into the runs search box and submit it, take a full-page screenshot, and return the
     script's result: ok, found, missing (of `expect`), present_but_absent_expected (of `absent`), run_names,
@@ -103,7 +103,8 @@ def check_mlflow_ui(base_url: str, experiment: str, expect: list[str], screensho
 
     `ok` is False when an expected text is missing or an `absent` one is visible; the dict is returned so the
     caller can assert on it. Raises BrowserCheckError when the check could not be made at all.
-    `timeout_s` bounds each wait inside the page (load, filter, texts)."""
+    `expand_nested` clicks every top-level run's expander first (a sweep's trials are nested under its parent
+    run, collapsed). `timeout_s` bounds each wait inside the page (load, filter, texts)."""
     reason = browser_unavailable_reason()
     if reason:
         raise BrowserCheckError(reason)
@@ -113,6 +114,8 @@ def check_mlflow_ui(base_url: str, experiment: str, expect: list[str], screensho
             "timeout_ms": int(timeout_s * 1000), "chromium": chromium_path()}
     if filter_string:
         args["filter"] = filter_string
+    if expand_nested:
+        args["expand"] = True
     # the script's own waits are bounded; this outer limit only catches a hung browser
     limit = 4 * timeout_s + 120
     try:

@@ -230,14 +230,18 @@ def test_mlflow_ui_shows_the_sweep_runs_and_the_pareto_tag(served_sweep):
     on_front = {r["run_name"] for r in table if r["front_acc_mac_param"] == "True"}
     shots = ROOT / "test-artifacts" / "browser"
     shots.mkdir(parents=True, exist_ok=True)
-    everything = check_mlflow_ui(served_sweep["server"].uri, "sweep-test", names + ["tiny"],
-                                 shots / "mlflow_sweep_runs.png")
-    assert everything["ok"] and not everything["missing"], everything
-    front = check_mlflow_ui(served_sweep["server"].uri, "sweep-test", sorted(on_front),
+    uri = served_sweep["server"].uri
+    parent = json.loads((served_sweep["folder"] / "sweep.json").read_text())["parent_run_id"]
+    top = check_mlflow_ui(uri, "sweep-test", ["tiny"], shots / "mlflow_sweep_parent.png")
+    assert top["ok"], top  # the sweep's parent run (its trials are nested under it, collapsed)
+    trials = check_mlflow_ui(uri, "sweep-test", names, shots / "mlflow_sweep_runs.png",
+                             filter_string=f"tags.mlflow.parentRunId = '{parent}'", expand_nested=True)
+    assert trials["ok"] and not trials["missing"], trials
+    front = check_mlflow_ui(uri, "sweep-test", sorted(on_front),
                             shots / "mlflow_sweep_pareto.png", filter_string="tags.pareto = 'true'",
-                            absent=sorted(set(names) - on_front))
+                            absent=sorted(set(names) - on_front), expand_nested=True)
     assert front["ok"] and not front["missing"], front
-    assert set(front["run_names"]) == on_front
+    assert set(front["run_names"]) - {"tiny"} == on_front  # the parent is drawn to nest them under
     assert (shots / "mlflow_sweep_pareto.png").stat().st_size > 10_000
 
 

@@ -7,6 +7,7 @@
 //
 // Arguments (JSON): base_url, experiment (name or id), expect (texts that must be visible), screenshot (PNG path);
 // optional: filter (typed into the runs search box and submitted), absent (texts that must NOT be visible),
+// expand (true: click the expander of every top-level run, so runs nested under a parent run are drawn),
 // timeout_ms (each wait; default 60000), chromium (browser binary; default $CAP_CHROMIUM or /usr/bin/chromium).
 //
 // Prints one JSON object on stdout: ok, found, missing, present_but_absent_expected, run_names (the run-name links
@@ -188,6 +189,17 @@ async function main() {
       if (err) throw new Error(`MLflow rejected the filter ${JSON.stringify(a.filter)}: ${err}`);
       state = await waitTable(page, a.timeout_ms, `filtering by ${JSON.stringify(a.filter)}`, state);
       result.timings.filter_s = secs(t);
+    }
+    if (a.expand) {
+      // child runs (a sweep's trials) are drawn collapsed under their parent; its expander is the button in
+      // the run-name cell of a top-level row
+      t = Date.now();
+      const expanders = page.locator('.ag-row-level-0 button[data-component-id*="runnamecellrenderer"]');
+      const n = await expanders.count();
+      for (let i = 0; i < n; i++) await expanders.nth(i).click();
+      result.expanded = n;
+      if (n) state = await waitTable(page, a.timeout_ms, 'expanding nested runs', state);
+      result.timings.expand_s = secs(t);
     }
     result.run_names = state.names;
     result.matching_runs = state.count;
