@@ -109,6 +109,9 @@ class PruneConfig:
     """gates are drawn with probability clamp(theta, explore, 1 - explore); the estimator weights are exact"""
     eta: float = 0.0015
     """theta step: a structure of zero importance goes from 1 to 0 in about 1/eta steps"""
+    step_norm: Literal["cost", "cost_noise"] = "cost"
+    """theta step size eta / scale: scale = the gate's initial cost gradient (cost), or the larger of that
+    and the running RMS of its gradient (cost_noise: bounds noisy steps at small tau; docs/method.md)"""
     warmup_epochs: float = 1.0
     """thetas frozen (dense training) for this many epochs"""
     check_every: int = 50

@@ -63,18 +63,41 @@ class ComplexityPenalty:
 
 
 class ThetaSGD:
-    """theta_s <- clip(theta_s - lr_s * (g_s + w gamma_s), 0, 1) with lr_s = eta / gamma_s(init).
+    """theta_s <- clip(theta_s - lr_s * (g_s + w gamma_s), 0, 1) with lr_s = eta / scale_s.
 
-    A per-gate step: a layer gate's gamma is 16-64x a unit's, so one plain step size cannot serve
-    both kinds. With this normalisation a structure of zero importance reaches 0 in ~1/(eta*w) steps.
+    step_norm="cost": scale_s = gamma_s(init). A per-gate step: a layer gate's gamma is 16-64x a unit's,
+    so one plain step size cannot serve both kinds. A structure of zero importance reaches 0 in
+    ~1/(eta*w) steps. But the gradient noise is divided by gamma too, and gamma is proportional to
+    tau: at small tau a noisy estimate throws thetas across [0, 1] in a few steps (measured: tau 0.1
+    removed 84 % of the MACs of a 20-step run that tau 4 left dense).
+    step_norm="cost_noise": scale_s = max(gamma_s(init), rms_s), rms_s a running root mean square of
+    the gate's own gradient (per unit). Where the cost dominates nothing changes; where noise
+    dominates, one step moves a theta by about eta at most, and the cost's pull is eta * gamma/rms.
     No momentum, no weight decay: the cost stays affine in each theta.
     """
 
-    def __init__(self, gamma0: dict[Gate, float], eta: float) -> None:
-        self.gamma0, self.eta = gamma0, eta
+    RMS_DECAY = 0.98
+    """about a 50-step window"""
+
+    def __init__(self, gamma0: dict[Gate, float], eta: float, step_norm: str = "cost") -> None:
+        self.gamma0, self.eta, self.step_norm = gamma0, eta, step_norm
+        self.mean_sq: dict[Gate, Tensor] = {}
 
     @torch.no_grad()
     def step(self, grads: dict[Gate, Tensor], gammas: dict[Gate, Tensor]) -> None:
         for gate, g in grads.items():
-            lr = self.eta / max(self.gamma0[gate], 1e-12)
-            gate.theta.sub_(lr * (g + gammas[gate])).clamp_(0.0, 1.0)
+            scale: float | Tensor = max(self.gamma0[gate], 1e-12)
+            if self.step_norm == "cost_noise":
+                sq = self.mean_sq.get(gate)
+                sq = g * g if sq is None else self.RMS_DECAY * sq + (1 - self.RMS_DECAY) * g * g
+                self.mean_sq[gate] = sq
+                scale = torch.clamp(sq.sqrt(), min=scale)
+            gate.theta.sub_(self.eta * (g + gammas[gate]) / scale).clamp_(0.0, 1.0)
+
+    def keep_only(self, gate: Gate, keep: Tensor) -> None:
+        if gate in self.mean_sq:
+            self.mean_sq[gate] = self.mean_sq[gate][keep]
+
+    def forget(self, gates: list[Gate]) -> None:
+        for gate in gates:
+            self.mean_sq.pop(gate, None)

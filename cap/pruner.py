@@ -90,7 +90,7 @@ class Pruner:
         self.warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
         if self.enabled:
             self.penalty = ComplexityPenalty(model, cfg.tau, cfg.alpha, cfg.beta, cfg.layer_cost)
-            self.theta_sgd = ThetaSGD(self.penalty.gamma0, cfg.eta)
+            self.theta_sgd = ThetaSGD(self.penalty.gamma0, cfg.eta, cfg.step_norm)
             self.monitor = PruningMonitor(cfg.theta_min, cfg.margin, cfg.patience)
 
     # ------------------------------------------------------------------ per step
@@ -159,11 +159,13 @@ class Pruner:
             remove_units(block, gate, keep, self.optimizer)
             if self.enabled:
                 self.monitor.keep_only(gate, keep)
+                self.theta_sgd.keep_only(gate, keep)
             events.append(PruneEvent(self.state.step, "units", self.names[id(block)],
                                      f"-{removed} units, {gate.size} left"))
         for block, reason in plan.blocks:
             if self.enabled:
                 self.monitor.forget([block.layer_gate, *block.unit_gates()])
+                self.theta_sgd.forget([block.layer_gate, *block.unit_gates()])
             removed = remove_block(self.model, block, self.optimizer)
             self.names[id(removed)] = self.names[id(block)]
             self.units_of[id(removed)] = self.units_of[id(block)]
@@ -237,6 +239,7 @@ class Pruner:
             out["monitor"] = {"grad_sum": {names[g]: t for g, t in m.grad_sum.items()},
                               "count": {names[g]: c for g, c in m.count.items()},
                               "streak": {names[g]: t for g, t in m.streak.items()}}
+            out["theta_mean_sq"] = {names[g]: t for g, t in self.theta_sgd.mean_sq.items()}
         return out
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -253,6 +256,8 @@ class Pruner:
             m.grad_sum = {by_name[n]: t.to(by_name[n].theta.device) for n, t in saved["monitor"]["grad_sum"].items()}
             m.count = {by_name[n]: c for n, c in saved["monitor"]["count"].items()}
             m.streak = {by_name[n]: t.to(by_name[n].theta.device) for n, t in saved["monitor"]["streak"].items()}
+            self.theta_sgd.mean_sq = {by_name[n]: t.to(by_name[n].theta.device)
+                                      for n, t in saved.get("theta_mean_sq", {}).items()}
         if self.state.hardened:
             for gate in gates_of(self.model):
                 gate.active = False
