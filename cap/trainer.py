@@ -322,8 +322,10 @@ class Training:
         }
 
     def save_checkpoint(self) -> None:
+        # every rank's running sums of the epoch so far (they differ: each rank sees its own shard)
+        meters = self.ctx.gather(dict(self.meter))
         if self.ctx.is_main:
-            save_checkpoint(self.checkpoint_payload(), self.out_dir / CHECKPOINT_DIR)
+            save_checkpoint({**self.checkpoint_payload(), "meters": meters}, self.out_dir / CHECKPOINT_DIR)
         self.ctx.barrier()  # nobody runs ahead (or exits) before the checkpoint is complete
 
     def restore(self, payload: dict[str, Any]) -> None:
@@ -350,7 +352,8 @@ class Training:
         position = payload["position"]
         self.epoch, self.step_in_epoch = position["epoch"], position["step_in_epoch"]
         restore_loader_positions(self.data, position["loaders"])
-        self.meter, self.history, self.trajectory = payload["meter"], payload["history"], payload["trajectory"]
+        meters = payload.get("meters") or [payload["meter"]] * self.ctx.world_size  # older checkpoints: rank 0's
+        self.meter, self.history, self.trajectory = meters[self.ctx.rank], payload["history"], payload["trajectory"]
         self.tracking_run_id = payload["tracking_run_id"]
         set_rng_states(payload["rng"])
         self.ddp = self._wrap()
