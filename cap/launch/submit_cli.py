@@ -111,12 +111,13 @@ def follow(job, poll_s: float = 2.0, out=sys.stdout) -> str:
         flush()
         time.sleep(poll_s)
     flush()
-    for _ in range(30):  # sacct may lag the result file by a moment
-        state = job.state
+    state = "UNKNOWN"
+    for _ in range(60):  # the result files come before SLURM's final state (sacct, asked afresh each time)
+        state = (job.get_info(mode="force").get("State") or "UNKNOWN").split()[0]
         if state not in ("RUNNING", "COMPLETING", "UNKNOWN", "PENDING", "REQUEUED"):
-            return state
+            break
         time.sleep(1)
-    return job.state
+    return state
 
 
 def _report(job, state: str, run_dir: Path | None) -> int:
