@@ -92,8 +92,8 @@ def sacct_state(job: str) -> str:
     return out.split("\n")[0].strip()
 
 
-def our_jobs() -> list[str]:
-    return subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True).stdout.split("\n")[:-1]
+def queued_jobs() -> set[str]:
+    return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
 
 
 def wait_for(condition, seconds: float, what: str):
@@ -205,7 +205,9 @@ def test_requeued_job_resumes_to_the_uninterrupted_network(ddp_run, tmp_path, ho
     ({"mem": "4000G"}, "mem: 4000G asked for"),
     ({"time": None}, "missing key 'time'"),
     ({"time": "tomorrow"}, "time: 'tomorrow' is not a SLURM time"),
-    ({"qos": "no-such-qos"}, "SLURM refuses profile"),  # only SLURM itself knows: sbatch --test-only
+    # what only SLURM itself knows (node features, extra options): sbatch --test-only
+    ({"constraint": "a100"}, "Invalid feature specification"),
+    ({"extra_sbatch": {"gres": "gpu:1"}}, "Invalid generic resource"),
 ])
 def test_bad_profile_fails_at_submit_time_and_queues_nothing(cluster, tmp_path, capsys, change, message):
     from cap.launch.submit_cli import main
@@ -213,11 +215,11 @@ def test_bad_profile_fails_at_submit_time_and_queues_nothing(cluster, tmp_path, 
     data = {k: v for k, v in {**LOCAL, **change}.items() if v is not None}
     profile = tmp_path / "bad.yaml"
     profile.write_text(yaml.safe_dump(data))
-    jobs = our_jobs()
+    before = queued_jobs()
     code = main(["--cluster", str(profile), "--", "train", *TRAIN, "--out", str(tmp_path / "run")])
     assert code == 2
     assert message in capsys.readouterr().err
-    assert our_jobs() == jobs, "a refused profile must leave no job in the queue"
+    assert not queued_jobs() - before, "a refused profile must leave no job in the queue"
     assert not (tmp_path / "run").exists()
 
 
