@@ -3,7 +3,7 @@
 # configs/fmnist_resnet20.yaml (8 epochs, the peer's recipe): dense; cap with step_norm=cost and cost_noise
 # at several tau; Torch-Pruning 1.6.1 at a 50 % MAC target with the same epochs. Writes $OUT/core_results.json.
 # No network on the GPU machine: carry the Fashion-MNIST .gz folder and the torch-pruning wheel.
-# Usage: OUT=bench_out/gpu_core bash tools/gpu_core.sh DATA_DIR [TP_WHEEL]
+# Usage: OUT=bench_out/gpu_core [COST_TAUS=..] [NOISE_TAUS=..] [TP_TARGETS=..] bash tools/gpu_core.sh DATA_DIR [TP_WHEEL]
 set -uo pipefail
 DATA=${1:?folder with the Fashion-MNIST .gz files}
 WHEEL=${2:-}
@@ -25,7 +25,10 @@ for tau in ${NOISE_TAUS:-0.6 1.5 4}; do
       --out "$OUT/noise-t$tau" &
 done
 if $PY -c "import torch_pruning" 2>/dev/null; then
-  run tp-0.5 $PY tools/peers/torch_pruning_baseline.py "${common[@]}" --target-mac-ratio 0.5 --out "$OUT/tp-0.5" &
+  for target in ${TP_TARGETS:-0.5}; do
+    run "tp-$target" $PY tools/peers/torch_pruning_baseline.py "${common[@]}" --target-mac-ratio "$target" \
+        --out "$OUT/tp-$target" &
+  done
 fi
 wait
 $PY - "$OUT" <<'PY'
