@@ -63,6 +63,18 @@ def test_gpu_profile_example_parses_to_one_task_per_gpu():
     assert options["gpus-per-node"] == 8 and options["requeue"] is True and options["time"] == profile.time_min
 
 
+def test_multi_node_sweep_ray_commands_join_one_head():
+    from cap.launch.jobs import ray_start_command
+
+    resources = {"CPU": 32, "GPU": 8}
+    head = ray_start_command("node1", 23456, resources, is_head=True)
+    worker = ray_start_command("node1", 23456, resources, is_head=False)
+    assert head[1:4] == ["start", "--head", "--node-ip-address=node1"] and "--port=23456" in head
+    assert worker[1:3] == ["start", "--address=node1:23456"]
+    for cmd in (head, worker):
+        assert cmd[-1] == "--block" and "--num-cpus=32" in cmd and "--num-gpus=8" in cmd
+
+
 # ---------------------------------------------------------------------------- the live cluster
 def _cluster_up() -> bool:
     return subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode == 0

@@ -92,7 +92,7 @@ def make_executor(profile, folder: Path, name: str, tasks_per_node: int, cpus_pe
     return executor
 
 
-def follow(job, poll_s: float = 2.0, out=sys.stdout) -> str:
+def follow(job, poll_s: float = 3.0, out=sys.stdout) -> str:
     """Print task 0's log as it grows until the job is over (a requeued job goes on in the same files);
     returns SLURM's final state."""
     offsets: dict[Path, int] = {}
@@ -107,7 +107,12 @@ def follow(job, poll_s: float = 2.0, out=sys.stdout) -> str:
                     offsets[path] = f.tell()
                 out.flush()
 
-    while not job.done(force_check=True):
+    while True:
+        # fresh sacct states: submitit's own refresh backs off to 10 min, and a multi-task job's done()
+        # does not pass force_check on to its tasks (a cancelled job would go unnoticed for minutes)
+        job.watcher.update()
+        if job.done():
+            break
         flush()
         time.sleep(poll_s)
     flush()
@@ -127,6 +132,9 @@ def _report(job, state: str, run_dir: Path | None) -> int:
         job.results()  # raises the job's exception, or says why there is no result
     except Exception as exc:  # submitit's FailedJobError / UncompletedJobError carry the job's traceback
         print(f"job {job.job_id} {state}: {exc}", file=sys.stderr)
+        if run_dir is not None and any((run_dir / "checkpoints").glob("*.pt")):
+            print(f"it left a checkpoint; continue with: cap submit --cluster PROFILE -- train --resume {run_dir}",
+                  file=sys.stderr)
         return 1
     print(f"job {job.job_id} {state}")
     if run_dir is not None and (run_dir / "summary.json").is_file():
