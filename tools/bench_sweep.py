@@ -42,17 +42,17 @@ class CpuSampler(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.samples: list[float] = []
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
         last = cpu_times()
-        while not self._stop.wait(1.0):
+        while not self._done.wait(1.0):
             now = cpu_times()
             self.samples.append((now[0] - last[0]) / max(now[1] - last[1], 1))
             last = now
 
     def stop(self) -> float:
-        self._stop.set()
+        self._done.set()
         self.join()
         return sum(self.samples) / max(len(self.samples), 1)
 
