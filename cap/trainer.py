@@ -170,7 +170,8 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def _fresh_meter() -> dict[str, float]:
-    return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "blocks_removed": 0}
+    return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "blocks_removed": 0, "nonfinite_steps": 0,
+            "loss_seen": 0}
 
 
 class Training:
@@ -250,7 +251,12 @@ class Training:
         if events:
             self._after_surgery()
         self.meter["blocks_removed"] += sum(e.kind == "block" for e in events)
-        self.meter["loss_sum"] += loss.item() * len(labels)
+        value = loss.item()
+        if math.isfinite(value):
+            self.meter["loss_sum"] += value * len(labels)
+            self.meter["loss_seen"] += len(labels)
+        else:  # fp16 overflows now and then (the scaler skips that step); a diverged run does it every step
+            self.meter["nonfinite_steps"] += 1
         self.meter["correct"] += int((logits.argmax(1) == labels).sum())
         self.meter["seen"] += len(labels)
 
@@ -269,7 +275,7 @@ class Training:
                 self.step_in_epoch += 1
                 if self.pruner.sampling and self.pruner.state.step % self.cfg.prune.check_every == 0:
                     self._snapshot()
-                bar.set_postfix(loss=f"{self.meter['loss_sum'] / max(self.meter['seen'], 1):.3f}")
+                bar.set_postfix(loss=f"{self.meter['loss_sum'] / max(self.meter['loss_seen'], 1):.3f}")
                 bar.update()
                 if self.ctx.any(stop.requested, self.device):
                     self.meter["seconds"] += time.perf_counter() - start
@@ -284,11 +290,20 @@ class Training:
     def finish_epoch(self) -> dict:
         """Hardening check, BN re-estimation, evaluation, records, checkpoint."""
         m = self.meter
-        seen = self.ctx.sum(torch.tensor([m["loss_sum"], m["correct"], m["seen"]], dtype=torch.float64,
-                                         device=self.device)).tolist()
-        if not math.isfinite(seen[0]):  # checked once an epoch: the loss is on the host already, no extra sync
-            raise TrainingDiverged(f"training loss is {seen[0]} in epoch {self.epoch + 1}: the run diverged "
-                                   f"(train.lr={self.cfg.train.lr:g}; try a lower rate or train.grad_clip)")
+        seen = self.ctx.sum(torch.tensor([m["loss_sum"], m["correct"], m["seen"], m.get("nonfinite_steps", 0),
+                                          m.get("loss_seen", m["seen"])],  # (older checkpoints lack the last two)
+                                         dtype=torch.float64, device=self.device)).tolist()
+        nonfinite, steps = int(seen[3]), self.steps * self.ctx.world_size
+        # without fp16's scaler a non-finite loss has already written NaN into the weights; with it, that step
+        # was skipped, and only a run that overflows most of the time is lost (checked once an epoch: the
+        # losses are on the host already, no extra sync)
+        tolerated = steps // 2 if self.scaler.is_enabled() else 0
+        if nonfinite > tolerated:
+            raise TrainingDiverged(f"training loss not finite in epoch {self.epoch + 1} ({nonfinite} of {steps} "
+                                   f"steps): the run diverged (train.lr={self.cfg.train.lr:g}; try a lower rate or "
+                                   "train.grad_clip)")
+        if nonfinite:
+            self.log(f"warning: {nonfinite} training steps of epoch {self.epoch + 1} had a non-finite loss")
         events = self.pruner.end_epoch(self.epoch)
         if events:
             self._after_surgery()
@@ -296,7 +311,7 @@ class Training:
         recalibrate_bn(self.model, self.data.calib(self.cfg.prune.bn_batches), self.device)
         result = evaluate(self.model, self.data.test, self.device, self.ctx, self.amp_dtype)
         stats = self.pruner.stats()
-        record = {"epoch": self.epoch + 1, "train_loss": seen[0] / max(seen[2], 1),
+        record = {"epoch": self.epoch + 1, "train_loss": seen[0] / max(seen[4], 1),
                   "train_acc": seen[1] / max(seen[2], 1), **result, **stats, "epoch_seconds": m["seconds"],
                   "blocks_removed": m["blocks_removed"] + sum(e.kind == "block" for e in events),
                   "hardened": self.pruner.state.hardened}
@@ -353,7 +368,10 @@ class Training:
         self.epoch, self.step_in_epoch = position["epoch"], position["step_in_epoch"]
         restore_loader_positions(self.data, position["loaders"])
         meters = payload.get("meters") or [payload["meter"]] * self.ctx.world_size  # older checkpoints: rank 0's
-        self.meter, self.history, self.trajectory = meters[self.ctx.rank], payload["history"], payload["trajectory"]
+        meter = meters[self.ctx.rank]
+        # checkpoints written before the non-finite-step count: every step's loss counted
+        self.meter = {**_fresh_meter(), "loss_seen": meter["seen"], **meter}
+        self.history, self.trajectory = payload["history"], payload["trajectory"]
         self.tracking_run_id = payload["tracking_run_id"]
         set_rng_states(payload["rng"])
         self.ddp = self._wrap()

@@ -77,6 +77,6 @@ def test_cli_stops_a_diverged_run_with_a_clear_error(tmp_path):
                   "data.train_subset=300", "data.test_subset=100", "tracking.enabled=false", "train.progress=false",
                   cwd=".")
     assert result.returncode == 1, result.stderr
-    assert "training loss is nan in epoch 1" in result.stderr and "train.lr=1e+06" in result.stderr
+    assert "training loss not finite in epoch 1" in result.stderr and "train.lr=1e+06" in result.stderr
     assert not (out / "summary.json").exists()
     assert not (out / "checkpoints" / "last.pt").exists()  # a broken network is not saved over anything
