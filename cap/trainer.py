@@ -32,7 +32,7 @@ from cap.arch import architecture
 from cap.bn import recalibrate_bn
 from cap.checkpoint import CheckpointError, StopRequest, load_latest, save_checkpoint
 from cap.config import Config, build_config, to_dict
-from cap.data import build_data
+from cap.data import DataError, build_data
 from cap.data.bundle import derive_seed, loader_positions, restore_loader_positions
 from cap.distributed import DistContext, digest_tensors, init_distributed
 from cap.models import create_model
@@ -190,6 +190,10 @@ class Training:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=t.lr, momentum=t.momentum,
                                          nesterov=t.nesterov, weight_decay=t.weight_decay)
         full = len(self.data.train)
+        if full == 0:  # e.g. a shard smaller than one batch (last batches are dropped in training)
+            raise DataError(f"{self.data.name}: {self.data.train_size} training images make no full batch of "
+                            f"data.batch_size={cfg.data.batch_size} per process ({ctx.world_size} processes); "
+                            "use a smaller batch, fewer processes or more data")
         self.steps = full if t.max_steps_per_epoch is None else min(full, t.max_steps_per_epoch)
         self.scheduler = make_scheduler(self.optimizer, cfg, self.steps * t.epochs)
         self.pruner = Pruner(self.model, cfg.prune, self.steps, t.epochs, self.optimizer, sync=ctx,

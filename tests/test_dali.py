@@ -248,6 +248,18 @@ def test_cap_train_on_an_imagenet_folder_through_dali(imagenet_root, tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps_per_epoch"] == 25 // 8
 
 
+def test_a_training_shard_smaller_than_one_batch_is_a_clear_error(imagenet_root, tmp_path):
+    # 25 training images, batch 64: the training pipeline drops its last partial batch, so no step is left
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "cap", "train", "--out", str(out), "model.name=resnet18",
+                           "data.name=imagenet", f"data.root={imagenet_root}", "data.loader=dali", "data.image_size=64",
+                           "data.batch_size=64", "tracking.enabled=false"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "25 training images make no full batch of data.batch_size=64 per process" in done.stderr
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_dali_under_a_simulated_two_node_ddp_job(tmp_path):
     from tests.test_distributed import _check_ddp_run, _torchrun, free_port
