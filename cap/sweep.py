@@ -321,9 +321,13 @@ def run_sweep(spec: SweepSpec, address: str | None = None, log: Log = print) -> 
     for key, value in (("trials", len(rows)), ("trials_finished", len(finished)), ("trials_failed", len(failed))):
         client.log_metric(parent, key, value)
     if finished:
-        from cap.pareto_report import pareto_report
+        from cap.pareto_report import ParetoError, pareto_report
 
-        pareto_report(uri, spec.experiment, parent, folder / "pareto", log=log)
+        try:
+            pareto_report(uri, spec.experiment, parent, folder / "pareto", log=log)
+        except ParetoError as exc:  # e.g. the trials' final records still wait in their tracking_pending files
+            log(f"warning: no Pareto front yet ({exc}); run `cap pareto --experiment {spec.experiment} "
+                f"--parent {parent}` once the runs are complete in the store")
     for row in failed:
         log(f"trial {row['trial_id']} failed after {row['attempts']} attempt(s): {row['error']} "
             f"(log: {row['run_dir']}/train.log)")
