@@ -68,8 +68,7 @@ class ThetaSGD:
     step_norm="cost": scale_s = gamma_s(init). A per-gate step: a layer gate's gamma is 16-64x a unit's,
     so one plain step size cannot serve both kinds. A structure of zero importance reaches 0 in
     ~1/(eta*w) steps. But the gradient noise is divided by gamma too, and gamma is proportional to
-    tau: at small tau a noisy estimate throws thetas across [0, 1] in a few steps (measured: tau 0.1
-    removed 84 % of the MACs of a 20-step run that tau 4 left dense).
+    tau: at small tau a noisy estimate throws thetas across [0, 1] in a few steps (docs/method.md).
     step_norm="cost_noise": scale_s = max(gamma_s(init), rms_s), rms_s a running root mean square of
     the gate's own gradient (per unit). Where the cost dominates nothing changes; where noise
     dominates, one step moves a theta by about eta at most, and the cost's pull is eta * gamma/rms.

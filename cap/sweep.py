@@ -234,13 +234,13 @@ def _trial_rows(spec: SweepSpec) -> tuple[list[dict[str, Any]], int]:
                   else "stopped" if trial.status == Trial.TERMINATED else trial.status.lower())
         rows.append({"trial_id": trial.trial_id, **{d.key: trial.config.get(d.key) for d in spec.space},
                      "status": status, "attempts": len(info.get("attempts", [])),
-                     "error": "" if error is None else _first_line(error),
+                     "error": "" if error is None else _error_line(error),
                      **{k: metrics.get(k) for k in ("epoch", *OBJECTIVES, "train_seconds", "mlflow_run_id")},
                      "run_dir": str(run_dir)})
     return sorted(rows, key=lambda r: r["trial_id"]), unfinished
 
 
-def _first_line(error: BaseException | str) -> str:
+def _error_line(error: BaseException | str) -> str:
     text = str(error).strip().splitlines()
     # Ray wraps the trial's exception; its last line is the original "Type: message"
     lines = [line for line in text if line.strip()]
@@ -282,7 +282,8 @@ def run_sweep(spec: SweepSpec, address: str | None = None, log: Log = print) -> 
     state_file = folder / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.exists() else None
     restore = tune.Tuner.can_restore(str(folder))
-    if state and state.get("fingerprint") != _fingerprint(spec):
+    fingerprint = _fingerprint(spec)
+    if state and state.get("fingerprint") != fingerprint:
         raise SweepError(f"{folder} holds a sweep started from a different space or base experiment than "
                          f"{spec.path}; give the sweep a new name, or move that folder away")
     if restore and state is None:
@@ -292,7 +293,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, log: Log = print) -> 
     parent = _parent_run(spec, uri, state, log)
     folder.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri, "experiment": spec.experiment,
-                                      "fingerprint": _fingerprint(spec), "spec": str(spec.path.resolve())}, indent=2))
+                                      "fingerprint": fingerprint, "spec": str(spec.path.resolve())}, indent=2))
     if restore:
         log(f"resuming the sweep in {folder}: finished trials are kept")
 

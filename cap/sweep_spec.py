@@ -103,10 +103,6 @@ class SweepSpec:
     def base(self) -> Config:
         return load_config(self.base_config, self.base_overrides)
 
-    def trial_config(self, params: dict[str, Any]) -> Config:
-        """The base experiment with one trial's values (dotted keys) applied; validated."""
-        return with_values(to_dict(self.base()), params)
-
 
 def with_values(data: dict, values: dict[str, Any]) -> Config:
     """A config from a config mapping with dotted keys set to values (no YAML round trip: floats stay exact)."""

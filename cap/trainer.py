@@ -294,9 +294,8 @@ class Training:
     def finish_epoch(self) -> dict:
         """Hardening check, BN re-estimation, evaluation, records, checkpoint."""
         m = self.meter
-        seen = self.ctx.sum(torch.tensor([m["loss_sum"], m["correct"], m["seen"], m.get("nonfinite_steps", 0),
-                                          m.get("loss_seen", m["seen"])],  # (older checkpoints lack the last two)
-                                         dtype=torch.float64, device=self.device)).tolist()
+        seen = self.ctx.sum(torch.tensor([m["loss_sum"], m["correct"], m["seen"], m["nonfinite_steps"],
+                                          m["loss_seen"]], dtype=torch.float64, device=self.device)).tolist()
         nonfinite, steps = int(seen[3]), self.steps * self.ctx.world_size
         # without fp16's scaler a non-finite loss has already written NaN into the weights; with it, that step
         # was skipped, and only a run that overflows most of the time is lost (checked once an epoch: the
