@@ -120,6 +120,9 @@ class PruneConfig:
     margin: float = 0.2
     patience: int = 2
     """consecutive checks a structure must stay inside the domain of attraction of 0"""
+    lock_kept: bool = False
+    """the keep rule: a structure with theta >= 0.5 whose importance is above (1 + margin) times its cost
+    at `patience` consecutive checks is locked on (theta = 1, xi = 1, no longer sampled or moved)"""
     harden_at: float | None = 0.6
     """fraction of training after which gates are hardened (theta >= 0.5 kept as plain layers,
     the rest removed); None never hardens"""

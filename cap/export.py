@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from cap.arch import architecture, build_from_architecture
 from cap.gates import gates_of, set_gate_mode
-from cap.models.blocks import GatedBlock
+from cap.models.blocks import GatedBlock, OptionAShortcut
 from cap.pruning import deterministic_plan
 from cap.surgery import apply_plan
 
@@ -48,14 +48,20 @@ class PlainBlock(nn.Module):
 
 
 class ShortcutBlock(nn.Module):
-    """A removed block: only its shortcut is left."""
+    """A removed block: only its shortcut is left.
+
+    The gated network computes relu(shortcut(x)). A block's input is always a ReLU output (the stem and
+    every block end in one), and the identity and option-A shortcuts (subsample, zero-pad) keep x >= 0, so
+    for them the ReLU is a no-op and is left out: a removed identity block costs nothing at inference."""
 
     def __init__(self, shortcut: nn.Module) -> None:
         super().__init__()
         self.shortcut = shortcut
+        self.needs_relu = not isinstance(shortcut, (nn.Identity, OptionAShortcut))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.shortcut(x))
+        y = self.shortcut(x)
+        return F.relu(y) if self.needs_relu else y
 
 
 class CompactResNet(nn.Module):
@@ -89,6 +95,7 @@ def _pad_widths(block: GatedBlock, multiple: int) -> None:
             bn.running_mean = torch.cat([bn.running_mean, bn.running_mean.new_zeros(extra)])
             bn.running_var = torch.cat([bn.running_var, bn.running_var.new_ones(extra)])
             gate.theta = torch.cat([gate.theta, gate.theta.new_ones(extra)])
+            gate.locked = torch.cat([gate.locked, gate.locked.new_ones(extra)])
         conv.out_channels += extra
         nxt.in_channels += extra
         bn.num_features += extra

@@ -6,7 +6,8 @@ it is moved by the projected theta step (cap.objective), never by the weight opt
 
 Modes:
   dense          xi = 1, the gate is the identity (warm-up, hardened, or tau = 0);
-  sample         xi drawn per example (or per batch) with P(xi_s = 1) = clamp(theta_s, e, 1 - e);
+  sample         xi drawn per example (or per batch) with P(xi_s = 1) = clamp(theta_s, e, 1 - e),
+                 or 1 for a structure the keep rule has locked on;
                  xi requires grad so that backward yields dL/dxi at the sample;
   deterministic  xi = 1[theta >= 0.5] (evaluation and export).
 """
@@ -28,6 +29,9 @@ class Gate(nn.Module):
         super().__init__()
         self.kind = kind
         self.register_buffer("theta", torch.ones(size))
+        # Locked on (the pruner's keep rule): no longer sampled or moved, xi = 1. Not persistent: the
+        # pruner's own state carries it, so model state_dicts stay the same with or without the rule.
+        self.register_buffer("locked", torch.zeros(size, dtype=torch.bool), persistent=False)
         self.mode: GateMode = "dense"
         self.active = True  # False: frozen at theta = 1 (an ablation switched this kind off)
         self.explore = 0.05
@@ -55,7 +59,7 @@ class Gate(nn.Module):
             return x * self._broadcast(self.keep_mask().to(x.dtype), x)
         # Sampling from the clamped probability keeps both outcomes observable at theta in {0, 1},
         # so the reweighted estimator below stays exact there (no pull-down of kept gates).
-        p_on = self.theta.clamp(self.explore, 1.0 - self.explore)
+        p_on = self.theta.clamp(self.explore, 1.0 - self.explore).masked_fill(self.locked, 1.0)
         rank, world = self.shard
         rows = x.shape[0] if self.per_example else 1
         draws = torch.bernoulli(p_on.expand(rows * world if self.per_example else 1, self.size),

@@ -40,6 +40,7 @@ class PrunerState:
     hardened: bool = False
     harden_step: int | None = None
     undecided_at_harden: int | None = None
+    locked_at_harden: int | None = None
     stable_epochs: int = 0
     last_structure: tuple | None = None
     events: list[PruneEvent] = field(default_factory=list)
@@ -114,9 +115,16 @@ class Pruner:
                 self.skipped_steps += 1
             else:
                 self.theta_sgd.step(grads, gammas)
+                for gate in grads:
+                    gate.theta.masked_fill_(gate.locked, 1.0)
                 self.monitor.observe(grads)
             if (self.state.step - self.warmup_steps + 1) % self.cfg.check_every == 0:
-                plan = plan_removals(list(self.model.blocks()), self.monitor.ready(gammas))
+                remove, lock = self.monitor.ready(gammas)
+                if self.cfg.lock_kept:
+                    for gate, mask in lock.items():
+                        gate.locked |= mask
+                        gate.theta.masked_fill_(mask, 1.0)
+                plan = plan_removals(list(self.model.blocks()), remove)
                 self._check_agreement(f"the pruning check at step {self.state.step}", plan)
                 events = self.apply(plan)
         for gate in gates_of(self.model):
@@ -213,6 +221,7 @@ class Pruner:
     def harden(self) -> list[PruneEvent]:
         """Fix the deterministic network: theta < 0.5 removed, the rest set to 1 and ungated."""
         self.state.undecided_at_harden = self.undecided()
+        self.state.locked_at_harden = self.locked()
         plan = deterministic_plan(list(self.model.blocks()))
         self._check_agreement(f"hardening at step {self.state.step}", plan)
         events = self.apply(plan)
@@ -238,7 +247,9 @@ class Pruner:
             m = self.monitor
             out["monitor"] = {"grad_sum": {names[g]: t for g, t in m.grad_sum.items()},
                               "count": {names[g]: c for g, c in m.count.items()},
-                              "streak": {names[g]: t for g, t in m.streak.items()}}
+                              "streak": {names[g]: t for g, t in m.streak.items()},
+                              "keep_streak": {names[g]: t for g, t in m.keep_streak.items()}}
+            out["locked"] = {names[g]: g.locked.clone() for g in self.active_gates()}
             out["theta_mean_sq"] = {names[g]: t for g, t in self.theta_sgd.mean_sq.items()}
         return out
 
@@ -258,6 +269,11 @@ class Pruner:
             m.streak = {by_name[n]: t.to(by_name[n].theta.device) for n, t in saved["monitor"]["streak"].items()}
             self.theta_sgd.mean_sq = {by_name[n]: t.to(by_name[n].theta.device)
                                       for n, t in saved.get("theta_mean_sq", {}).items()}
+            # checkpoints from before the keep rule have neither table: nothing locked, no streaks
+            m.keep_streak = {by_name[n]: t.to(by_name[n].theta.device)
+                             for n, t in saved["monitor"].get("keep_streak", {}).items()}
+            for n, t in saved.get("locked", {}).items():
+                by_name[n].locked = t.to(by_name[n].theta.device)
         if self.state.hardened:
             for gate in gates_of(self.model):
                 gate.active = False
@@ -268,6 +284,10 @@ class Pruner:
 
     def undecided(self, low: float = 0.05, high: float = 0.95) -> int:
         return int(sum(((g.theta > low) & (g.theta < high)).sum() for g in self.active_gates()))
+
+    def locked(self) -> int:
+        """Structures the keep rule has locked on (0 after hardening: every gate is then fixed)."""
+        return int(sum(g.locked.sum() for g in self.active_gates()))
 
     def block_structure(self) -> list[dict]:
         """Per block position: kept by the deterministic network?, internal units kept, of how many."""
@@ -303,5 +323,6 @@ class Pruner:
             "layers_total": self.layers_total, "layers_kept": sum(b["kept"] for b in structure),
             "units_total": self.units_total, "units_kept": sum(b["units"] for b in structure),
             "theta_undecided": self.undecided(),
+            "theta_locked": self.locked(),
             "structure": structure,
         }

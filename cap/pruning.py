@@ -8,6 +8,14 @@ consecutive checks,
   (b) the mean of -g_s over the window since the last check is below (1 - margin) * w gamma_s.
 A structure with theta near 0 but large importance is outside the basin: removing it would be
 premature, so it stays (and, being sampled with probability `explore`, can still come back).
+
+The keep rule is the mirror image (optional, `prune.lock_kept`): a structure the deterministic network
+keeps (theta >= 0.5) whose importance stays above (1 + margin) * w gamma_s for `patience` checks is
+locked on: theta = 1, xi = 1 from then on. By the mean dynamics it is flowing to 1 anyway (the trapezoid
+estimate does not depend on theta), its cost can only stay or fall later (a unit's gamma_s shrinks as the
+rest is pruned), and locking does not change the deterministic network. What it buys is that a structure
+known to be kept stops being dropped at random (the explore draws and the theta walk's excursions), which
+is dropout on the network being trained.
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ class RemovalPlan:
         return bool(self.blocks or self.units)
 
 
+LOCK_THETA = 0.5
+"""the keep rule locks only what the deterministic network (xi = 1[theta >= 0.5]) keeps"""
+
+
 class PruningMonitor:
     """Tracks the windowed mean importance of every gate and how long each sat in the basin of 0."""
 
@@ -38,35 +50,41 @@ class PruningMonitor:
         self.grad_sum: dict[Gate, Tensor] = {}
         self.count: dict[Gate, int] = {}
         self.streak: dict[Gate, Tensor] = {}
+        self.keep_streak: dict[Gate, Tensor] = {}
 
     def observe(self, grads: dict[Gate, Tensor]) -> None:
         for gate, g in grads.items():
             self.grad_sum[gate] = self.grad_sum.get(gate, torch.zeros_like(g)) + g
             self.count[gate] = self.count.get(gate, 0) + 1
 
-    def ready(self, gammas: dict[Gate, Tensor]) -> dict[Gate, Tensor]:
-        """Update the streaks from the window that just ended; return gate -> bool mask of ready structures."""
-        out = {}
+    def ready(self, gammas: dict[Gate, Tensor]) -> tuple[dict[Gate, Tensor], dict[Gate, Tensor]]:
+        """Update the streaks from the window that just ended; return (gate -> bool mask of structures ready
+        for removal, gate -> bool mask of structures ready to be locked on)."""
+        remove, lock = {}, {}
         for gate, total in self.grad_sum.items():
             importance = -total / self.count[gate]
             inside = (gate.theta <= self.theta_min) & (importance < (1 - self.margin) * gammas[gate])
-            streak = self.streak.get(gate, torch.zeros_like(gate.theta, dtype=torch.long))
-            self.streak[gate] = torch.where(inside, streak + 1, torch.zeros_like(streak))
-            out[gate] = self.streak[gate] >= self.patience
+            remove[gate] = self._count(self.streak, gate, inside)
+            on = (gate.theta >= LOCK_THETA) & (importance > (1 + self.margin) * gammas[gate])
+            lock[gate] = self._count(self.keep_streak, gate, on & ~gate.locked)
         self.grad_sum.clear()
         self.count.clear()
-        return out
+        return remove, lock
+
+    def _count(self, table: dict[Gate, Tensor], gate: Gate, inside: Tensor) -> Tensor:
+        streak = table.get(gate, torch.zeros_like(gate.theta, dtype=torch.long))
+        table[gate] = torch.where(inside, streak + 1, torch.zeros_like(streak))
+        return table[gate] >= self.patience
 
     def keep_only(self, gate: Gate, keep: Tensor) -> None:
-        for table in (self.streak, self.grad_sum):
+        for table in (self.streak, self.keep_streak, self.grad_sum):
             if gate in table:
                 table[gate] = table[gate][keep]
 
     def forget(self, gates: list[Gate]) -> None:
         for gate in gates:
-            self.streak.pop(gate, None)
-            self.grad_sum.pop(gate, None)
-            self.count.pop(gate, None)
+            for table in (self.streak, self.keep_streak, self.grad_sum, self.count):
+                table.pop(gate, None)
 
 
 def plan_removals(blocks: list[GatedBlock], remove: dict[Gate, Tensor]) -> RemovalPlan:

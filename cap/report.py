@@ -28,6 +28,7 @@ def build_summary(training: Training, peak_memory_mb: float) -> dict[str, Any]:
         "global_batch_size": cfg.data.batch_size * training.ctx.world_size, "amp": cfg.train.amp,
         "hardened_at_step": pruner.state.harden_step,
         "theta_undecided_at_harden": pruner.state.undecided_at_harden,
+        "theta_locked_at_harden": pruner.state.locked_at_harden,
         "theta_steps_skipped": pruner.skipped_steps,
         "prune_events": [vars(e) for e in pruner.state.events],
         "mlflow_run_id": training.tracking_run_id,

@@ -64,6 +64,7 @@ def remove_units(block: GatedBlock, gate: Gate, keep: Tensor, optimizer=None) ->
     _slice_bn(bn, keep, optimizer)
     _slice_in(consumer, keep, optimizer)
     gate.theta = gate.theta[keep].clone()
+    gate.locked = gate.locked[keep].clone()
 
 
 def remove_block(model: nn.Module, block: GatedBlock, optimizer=None) -> RemovedBlock:

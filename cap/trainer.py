@@ -384,12 +384,13 @@ def epoch_line(record: dict, epochs: int, hardened: bool) -> str:
     return (f"epoch {record['epoch']}/{epochs} loss {record['train_loss']:.3f} test_acc {record['test_acc']:.4f} "
             f"MACs {record['mac_ratio']:.3f} params {record['param_ratio']:.3f} "
             f"blocks {record['layers_kept']}/{record['layers_total']} units {record['units_kept']}/"
-            f"{record['units_total']} undecided {record['theta_undecided']}{' hardened' if hardened else ''} "
+            f"{record['units_total']} undecided {record['theta_undecided']} locked {record.get('theta_locked', 0)}"
+            f"{' hardened' if hardened else ''} "
             f"({record['epoch_seconds']:.1f}s)")
 
 
 EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "mac_ratio", "param_ratio", "layers_kept",
-                 "units_kept", "theta_undecided", "epoch_seconds")
+                 "units_kept", "theta_undecided", "theta_locked", "epoch_seconds")
 
 
 def _open_tracker(cfg: Config, out_dir: Path, ctx: DistContext, resume_id: str | None, log: Log):

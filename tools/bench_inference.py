@@ -9,6 +9,8 @@ speed-up is set against the MAC reduction:
            zero (what a mask-based pruning library leaves); computes as much as dense
   compact  `cap export`: pruned structures removed
   r8       `cap export --round-to 8`: kept widths padded to multiples of 8 with zero channels
+each in three runtimes (RUNTIMES below): eager PyTorch, the TorchScript export frozen for inference, and the
+ONNX export in onnxruntime. A deployed model runs in one of the latter two.
 
     python tools/bench_inference.py --dense bench_out/core2/dense bench_out/core2/cap_tau0.3 \
         bench_out/core2/cap_tau0.6 bench_out/core2/cap_tau1.2 --write-docs docs/benchmarks.md
@@ -17,9 +19,11 @@ speed-up is set against the MAC reduction:
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -63,7 +67,31 @@ def masked_twin(compact: nn.Module, arch: dict) -> nn.Module:
     return twin.eval()
 
 
-def latency_ms(model: nn.Module, x: torch.Tensor) -> float:
+RUNTIMES = ("eager", "torchscript", "onnxruntime")
+"""eager: the nn.Module as exported; torchscript: the traced export, frozen and optimised for inference (BN folded
+into the convolutions, conv+ReLU fused); onnxruntime: the ONNX export in onnxruntime's CPU provider (all graph
+optimisations on)"""
+
+
+def deploy(model: nn.Module, x: torch.Tensor, runtime: str, threads: int) -> Callable[[torch.Tensor], object]:
+    """`model` as a callable of one runtime, built for inputs shaped like `x`."""
+    if runtime == "eager":
+        return model
+    if runtime == "torchscript":
+        with torch.inference_mode(False), torch.no_grad():
+            traced = torch.jit.trace(model, x)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+    import onnxruntime as ort
+
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (x,), buffer, input_names=["images"], output_names=["logits"], dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    return lambda t: session.run(None, {"images": t.numpy()})
+
+
+def latency_ms(model: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
     with torch.inference_mode():
         start = time.perf_counter()
         model(x)
@@ -76,6 +104,7 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+", help="pruned run folders")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
     parser.add_argument("--write-docs", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,28 +124,31 @@ def main() -> None:
             x = torch.randn(batch, channels, size, size)
             with torch.inference_mode():
                 assert float((masked(x) - compact(x)).abs().max()) < 1e-3, "the masked twin must equal the compact"
-            variants = {"dense": dense, "masked": masked, "compact": compact, "r8": rounded}
-            times: dict[str, list[float]] = {name: [] for name in variants}
-            for _ in range(3):  # warm-up
+            nets = {"dense": dense, "masked": masked, "compact": compact, "r8": rounded}
+            variants = {(rt, name): deploy(m, x, rt, args.threads) for rt in args.runtimes for name, m in nets.items()}
+            times: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
+            for _ in range(3):  # warm-up (TorchScript's profiling executor optimises in its first calls)
                 for m in variants.values():
                     latency_ms(m, x)
             for _ in range(args.reps):
-                for name, m in variants.items():
-                    times[name].append(latency_ms(m, x))
+                for key, m in variants.items():
+                    times[key].append(latency_ms(m, x))
             med = {k: statistics.median(v) for k, v in times.items()}
             mac_speedup = dense_macs / macs
-            rows.append((run.name, batch, med["dense"], med["masked"], med["compact"], med["r8"],
-                         1 - macs / dense_macs, med["dense"] / med["compact"], mac_speedup))
-            print(f"{run.name} batch {batch}: dense {med['dense']:.2f} ms, masked {med['masked']:.2f} ms, "
-                  f"compact {med['compact']:.2f} ms; speed-up {med['dense'] / med['compact']:.2f}x of "
-                  f"{mac_speedup:.2f}x by MACs", flush=True)
+            for rt in args.runtimes:
+                d, c = med[(rt, "dense")], med[(rt, "compact")]
+                rows.append((run.name, batch, rt, d, med[(rt, "masked")], c, med[(rt, "r8")],
+                             1 - macs / dense_macs, d / c, mac_speedup))
+                print(f"{run.name} batch {batch} {rt}: dense {d:.2f} ms, masked {med[(rt, 'masked')]:.2f} ms, "
+                      f"compact {c:.2f} ms; speed-up {d / c:.2f}x of {mac_speedup:.2f}x by MACs", flush=True)
     command = "python tools/bench_inference.py " + " ".join(sys.argv[1:])
-    lines = [f"Command: `{command}` (CPU, {args.threads} threads, median of {args.reps} interleaved repetitions)",
-             "", "| run | batch | dense ms | masked ms | compact ms | rounded-to-8 ms | MAC cut | speed-up | "
-                 "MAC speed-up | speed-up / MAC speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, batch, d, m, c, r8, cut, speed, ideal in rows:
-        lines.append(f"| {name} | {batch} | {d:.2f} | {m:.2f} | {c:.2f} | {r8:.2f} | {cut:.1%} | {speed:.2f}x | "
-                     f"{ideal:.2f}x | {speed / ideal:.2f} |")
+    lines = [f"Command: `{command}` (CPU, {args.threads} threads, median of {args.reps} interleaved repetitions; "
+             f"torch {torch.__version__})",
+             "", "| run | batch | runtime | dense ms | masked ms | compact ms | rounded-to-8 ms | MAC cut | speed-up | "
+                 "MAC speed-up | speed-up / MAC speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, batch, rt, d, m, c, r8, cut, speed, ideal in rows:
+        lines.append(f"| {name} | {batch} | {rt} | {d:.2f} | {m:.2f} | {c:.2f} | {r8:.2f} | {cut:.1%} | "
+                     f"{speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} |")
     text = "\n".join(lines)
     print(text)
     if args.write_docs:
