@@ -120,7 +120,7 @@ class PruneConfig:
     margin: float = 0.2
     patience: int = 2
     """consecutive checks a structure must stay inside the domain of attraction of 0"""
-    lock_kept: bool = False
+    lock_kept: bool = True
     """the keep rule: a structure with theta >= 0.5 whose importance is above (1 + margin) times its cost
     at `patience` consecutive checks is locked on (theta = 1, xi = 1, no longer sampled or moved)"""
     harden_at: float | None = 0.6

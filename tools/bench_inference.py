@@ -9,6 +9,7 @@ speed-up is set against the MAC reduction:
            zero (what a mask-based pruning library leaves); computes as much as dense
   compact  `cap export`: pruned structures removed
   r8       `cap export --round-to 8`: kept widths padded to multiples of 8 with zero channels
+  uniform  the dense architecture with all widths (residual streams too) scaled down to about the same MACs
 each in three runtimes (RUNTIMES below): eager PyTorch, the TorchScript export frozen for inference, and the
 ONNX export in onnxruntime. A deployed model runs in one of the latter two.
 
@@ -73,6 +74,20 @@ into the convolutions, conv+ReLU fused); onnxruntime: the ONNX export in onnxrun
 optimisations on)"""
 
 
+def uniform_reference(spec: dict, macs: int) -> tuple[nn.Module, int]:
+    """The dense architecture with every width scaled by one factor (what uniform channel pruning such as
+    Torch-Pruning's leaves), at the base width whose MACs come closest to `macs`: random weights, exported the
+    same way. Its speed-up per MAC speed-up separates the cost of thin layers on this CPU from cap's structure."""
+    size, channels = spec["kwargs"]["input_size"], spec["kwargs"]["in_channels"]
+    best = None
+    for width in range(2, spec["kwargs"].get("width", 16) + 1):
+        net = compact_from_gated(create_model(spec["name"], **{**spec["kwargs"], "width": width}).eval())
+        net_macs, _ = count_macs_params(net, size, channels)
+        if best is None or abs(net_macs - macs) < abs(best[1] - macs):
+            best = (net, net_macs)
+    return best
+
+
 def deploy(model: nn.Module, x: torch.Tensor, runtime: str, threads: int) -> Callable[[torch.Tensor], object]:
     """`model` as a callable of one runtime, built for inputs shaped like `x`."""
     if runtime == "eager":
@@ -87,6 +102,8 @@ def deploy(model: nn.Module, x: torch.Tensor, runtime: str, threads: int) -> Cal
     torch.onnx.export(model, (x,), buffer, input_names=["images"], output_names=["logits"], dynamo=False)
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # idle onnxruntime threads spin by default and would steal the cores from the next model timed
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
     return lambda t: session.run(None, {"images": t.numpy()})
 
@@ -120,35 +137,39 @@ def main() -> None:
         arch = compact_architecture(model, spec["name"], spec["kwargs"], None)
         masked = masked_twin(compact, arch)
         macs, _ = count_macs_params(compact, size, channels)
+        uniform, uniform_macs = uniform_reference(spec, macs)
         for batch in (1, 64):
             x = torch.randn(batch, channels, size, size)
             with torch.inference_mode():
                 assert float((masked(x) - compact(x)).abs().max()) < 1e-3, "the masked twin must equal the compact"
-            nets = {"dense": dense, "masked": masked, "compact": compact, "r8": rounded}
-            variants = {(rt, name): deploy(m, x, rt, args.threads) for rt in args.runtimes for name, m in nets.items()}
-            times: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
-            for _ in range(3):  # warm-up (TorchScript's profiling executor optimises in its first calls)
-                for m in variants.values():
-                    latency_ms(m, x)
-            for _ in range(args.reps):
-                for key, m in variants.items():
-                    times[key].append(latency_ms(m, x))
-            med = {k: statistics.median(v) for k, v in times.items()}
+            nets = {"dense": dense, "masked": masked, "compact": compact, "r8": rounded, "uniform": uniform}
             mac_speedup = dense_macs / macs
-            for rt in args.runtimes:
+            med: dict[tuple[str, str], float] = {}
+            for rt in args.runtimes:  # one runtime at a time (their thread pools would contend), nets interleaved
+                variants = {name: deploy(m, x, rt, args.threads) for name, m in nets.items()}
+                times: dict[str, list[float]] = {name: [] for name in variants}
+                for _ in range(3):  # warm-up (TorchScript's profiling executor optimises in its first calls)
+                    for m in variants.values():
+                        latency_ms(m, x)
+                for _ in range(args.reps):
+                    for name, m in variants.items():
+                        times[name].append(latency_ms(m, x))
+                med.update({(rt, name): statistics.median(v) for name, v in times.items()})
                 d, c = med[(rt, "dense")], med[(rt, "compact")]
+                uniform_ratio = (d / med[(rt, "uniform")]) / (dense_macs / uniform_macs)
                 rows.append((run.name, batch, rt, d, med[(rt, "masked")], c, med[(rt, "r8")],
-                             1 - macs / dense_macs, d / c, mac_speedup))
+                             1 - macs / dense_macs, d / c, mac_speedup, uniform_ratio))
                 print(f"{run.name} batch {batch} {rt}: dense {d:.2f} ms, masked {med[(rt, 'masked')]:.2f} ms, "
                       f"compact {c:.2f} ms; speed-up {d / c:.2f}x of {mac_speedup:.2f}x by MACs", flush=True)
     command = "python tools/bench_inference.py " + " ".join(sys.argv[1:])
     lines = [f"Command: `{command}` (CPU, {args.threads} threads, median of {args.reps} interleaved repetitions; "
              f"torch {torch.__version__})",
              "", "| run | batch | runtime | dense ms | masked ms | compact ms | rounded-to-8 ms | MAC cut | speed-up | "
-                 "MAC speed-up | speed-up / MAC speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, batch, rt, d, m, c, r8, cut, speed, ideal in rows:
+                 "MAC speed-up | speed-up / MAC speed-up | same for the uniformly thinned net |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, batch, rt, d, m, c, r8, cut, speed, ideal, uniform_ratio in rows:
         lines.append(f"| {name} | {batch} | {rt} | {d:.2f} | {m:.2f} | {c:.2f} | {r8:.2f} | {cut:.1%} | "
-                     f"{speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} |")
+                     f"{speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} | {uniform_ratio:.2f} |")
     text = "\n".join(lines)
     print(text)
     if args.write_docs:

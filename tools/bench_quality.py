@@ -14,10 +14,13 @@ Each method's points form its front (maximise test accuracy and MAC reduction); 
 against the reference point (accuracy 0, MAC reduction 0) ranks the fronts by one number. Writes
 results.json, a PNG per model and, with --write-docs, a section of docs/benchmarks.md.
 
-Profiles: quick (minutes: ResNet-20 on a 5k subset, 4 epochs, 2 taus) and full (about an hour per
-model on 2 cores: 20k subset, 8 epochs, 3 taus; ResNet-20 and ResNet-56).
+Profiles: quick (minutes: ResNet-20 on a 5k subset, 4 epochs, 2 taus) and full (20k subset, 8 epochs,
+2 taus; ResNet-20 about an hour on 2 cores, ResNet-56 about three: `--models` picks one, and `--parallel N`
+with `--set train.device=cuda ...` runs a phase's runs side by side on a GPU).
 
     python tools/bench_quality.py --profile quick --out bench_out/quality-quick --write-docs docs/benchmarks.md
+    python tools/bench_quality.py --profile full --models resnet20 --out bench_out/quality-full \
+        --write-docs docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,7 +44,7 @@ PROFILES = {
     # eta = 1 / steps per epoch: a zero-importance structure reaches 0 in about one epoch
     "quick": {"models": ["resnet20"], "taus": [0.6, 1.5],
               "overrides": ["data.train_subset=5000", "data.test_subset=2000", "train.epochs=4", "prune.eta=0.025"]},
-    "full": {"models": ["resnet20", "resnet56"], "taus": [0.3, 0.6, 1.2],
+    "full": {"models": ["resnet20", "resnet56"], "taus": [0.6, 1.2],
              "overrides": ["data.train_subset=20000", "train.epochs=8", "prune.eta=0.006"]},
 }
 METHODS = ["cap", "cap units", "cap layers", "torch-pruning", "scratch"]
@@ -51,27 +55,41 @@ def point(s: dict, dense_macs: float) -> tuple[float, float]:
     return 1 - s["macs_final"] / dense_macs, s["test_acc"]
 
 
-def run_model(model: str, profile: dict, out: Path, skip: bool) -> dict:
-    base = [*profile["overrides"], *COMMON, f"model.name={model}"]
-    res: dict = {"dense": cap_run(CONFIG, [*base, "prune.tau=0"], out / "dense", skip), "taus": {}}
+def run_model(model: str, profile: dict, out: Path, skip: bool, extra: list[str], pool: ThreadPoolExecutor) -> dict:
+    """Phase 1: dense and, per tau, the three cap variants; phase 2 (needs cap's result): Torch-Pruning at
+    cap's MACs and cap's architecture from scratch. Runs of a phase go to `pool` (one worker: one at a time)."""
+    base = [*profile["overrides"], *COMMON, *extra, f"model.name={model}"]
+    epochs = int(next(o for o in base if o.startswith("train.epochs=")).split("=")[1])
+    first = {("dense", None): pool.submit(cap_run, CONFIG, [*base, "prune.tau=0"], out / "dense", skip)}
+    for tau in profile["taus"]:
+        t = f"{tau:g}"
+        first[("cap", t)] = pool.submit(cap_run, CONFIG, [*base, f"prune.tau={tau}"], out / f"cap_tau{t}", skip)
+        first[("cap units", t)] = pool.submit(cap_run, CONFIG, [*base, f"prune.tau={tau}", "prune.layers=false"],
+                                              out / f"units_tau{t}", skip)
+        first[("cap layers", t)] = pool.submit(cap_run, CONFIG, [*base, f"prune.tau={tau}", "prune.units=false"],
+                                               out / f"layers_tau{t}", skip)
+    done = {key: f.result() for key, f in first.items()}
+    second = {}
+    for tau in profile["taus"]:
+        t = f"{tau:g}"
+        cap = done[("cap", t)]
+        prune_at = (cap["hardened_at_step"] / cap["steps_per_epoch"] / epochs) if cap["hardened_at_step"] else 0.5
+        second[("torch-pruning", t)] = pool.submit(peer_run, CONFIG, [*profile["overrides"], *extra,
+                                                                      f"model.name={model}"],
+                                                   cap["mac_ratio"], prune_at, out / f"tp_tau{t}", skip)
+        second[("scratch", t)] = pool.submit(cap_run, CONFIG, [*base, "prune.tau=0",
+                                                               f"model.arch={out / f'cap_tau{t}' / 'model.pt'}"],
+                                             out / f"scratch_tau{t}", skip)
+    done.update({key: f.result() for key, f in second.items()})
+    res: dict = {"dense": done[("dense", None)], "taus": {}}
     print(f"{model} dense {res['dense']['test_acc']:.4f}", flush=True)
     for tau in profile["taus"]:
-        runs = {"cap": cap_run(CONFIG, [*base, f"prune.tau={tau}"], out / f"cap_tau{tau:g}", skip),
-                "cap units": cap_run(CONFIG, [*base, f"prune.tau={tau}", "prune.layers=false"],
-                                     out / f"units_tau{tau:g}", skip),
-                "cap layers": cap_run(CONFIG, [*base, f"prune.tau={tau}", "prune.units=false"],
-                                      out / f"layers_tau{tau:g}", skip)}
-        cap = runs["cap"]
-        epochs = int(next(o for o in base if o.startswith("train.epochs=")).split("=")[1])
-        prune_at = (cap["hardened_at_step"] / cap["steps_per_epoch"] / epochs) if cap["hardened_at_step"] else 0.5
-        runs["torch-pruning"] = peer_run(CONFIG, [*profile["overrides"], f"model.name={model}"], cap["mac_ratio"],
-                                         prune_at, out / f"tp_tau{tau:g}", skip)
-        runs["scratch"] = cap_run(CONFIG, [*base, "prune.tau=0", f"model.arch={out / f'cap_tau{tau:g}' / 'model.pt'}"],
-                                  out / f"scratch_tau{tau:g}", skip)
+        t = f"{tau:g}"
+        runs = {method: done[(method, t)] for method in METHODS}
         for name, s in runs.items():
             print(f"{model} tau {tau} {name}: acc {s['test_acc']:.4f}, MAC ratio "
                   f"{s['macs_final'] / res['dense']['macs_dense']:.3f}, {s['train_seconds']:.0f} s", flush=True)
-        res["taus"][f"{tau:g}"] = runs
+        res["taus"][t] = runs
     return res
 
 
@@ -98,25 +116,29 @@ def plot(model: str, res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def report(results: dict, command: str, images: dict[str, str]) -> str:
+def report(model: str, res: dict, results: dict, command: str, image: str) -> str:
+    dense = res["dense"]
+    contended = results["parallel"] > 1
     lines = [f"Command: `{command}` ({results['date']}, {results['profile']} profile: "
-             f"{' '.join(results['overrides'])}; one seed, one run per row)", ""]
-    for model, res in results["models"].items():
-        dense = res["dense"]
-        lines += [f"**{model}** (dense: {100 * dense['test_acc']:.2f} %, {dense['train_seconds']:.0f} s)", "",
-                  "| tau | method | test acc % | vs dense (pt) | MAC cut % | param cut % | train time / dense |",
-                  "|---|---|---|---|---|---|---|"]
-        for tau, runs in res["taus"].items():
-            for method in METHODS:
-                s = runs[method]
-                cut, acc = point(s, dense["macs_dense"])
-                pcut = 1 - s["params_final"] / dense["params_dense"]
-                time_ratio = s["train_seconds"] / dense["train_seconds"]
-                lines.append(f"| {tau} | {method} | {100 * acc:.2f} | {100 * (acc - dense['test_acc']):+.2f} | "
-                             f"{100 * cut:.1f} | {100 * pcut:.1f} | {time_ratio:.2f} |")
-        hv = {m: hypervolume_2d([point(r[m], dense["macs_dense"]) for r in res["taus"].values()]) for m in METHODS}
-        lines += ["", "Hypervolume (accuracy x MAC reduction above (0, 0); larger is better): "
-                  + ", ".join(f"{m} {v:.4f}" for m, v in hv.items()), "", f"![{model}]({images[model]})", ""]
+             f"{' '.join(results['overrides'])}; one seed, one run per row"
+             + (f"; {results['parallel']} runs at a time, so training times are contended and not compared)"
+                if contended else ")"), "",
+             f"**{model}** (dense: {100 * dense['test_acc']:.2f} %, {dense['train_seconds']:.0f} s)", "",
+             "| tau | method | test acc % | vs dense (pt) | MAC cut % | param cut % | blocks kept | units kept | "
+             "train time / dense |", "|---|---|---|---|---|---|---|---|---|"]
+    for tau, runs in res["taus"].items():
+        for method in METHODS:
+            s = runs[method]
+            cut, acc = point(s, dense["macs_dense"])
+            pcut = 1 - s["params_final"] / dense["params_dense"]
+            time_ratio = "-" if contended else f"{s['train_seconds'] / dense['train_seconds']:.2f}"
+            blocks = f"{s['layers_kept']}/{s['layers_total']}" if "layers_kept" in s else "-"
+            units = f"{s['units_kept']}/{s['units_total']}" if "units_kept" in s else "-"
+            lines.append(f"| {tau} | {method} | {100 * acc:.2f} | {100 * (acc - dense['test_acc']):+.2f} | "
+                         f"{100 * cut:.1f} | {100 * pcut:.1f} | {blocks} | {units} | {time_ratio} |")
+    hv = {m: hypervolume_2d([point(r[m], dense["macs_dense"]) for r in res["taus"].values()]) for m in METHODS}
+    lines += ["", "Hypervolume (accuracy x MAC reduction above (0, 0); larger is better): "
+              + ", ".join(f"{m} {v:.4f}" for m, v in hv.items()), "", f"![{model}]({image})", ""]
     return "\n".join(lines)
 
 
@@ -125,25 +147,38 @@ def main() -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--out", type=Path, default=Path("bench_out/quality"))
     parser.add_argument("--skip-existing", action="store_true")
+    parser.add_argument("--models", nargs="+", help="a subset of the profile's models")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs of a phase at once (e.g. on a GPU); times are then contended, not comparable")
+    parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                        help="overrides for every run, e.g. train.device=cuda data.root=DIR")
     parser.add_argument("--write-docs", type=Path)
     args = parser.parse_args()
     profile = PROFILES[args.profile]
-    results = {"profile": args.profile, "overrides": profile["overrides"], "date": time.strftime("%Y-%m-%d"),
-               "models": {}}
+    models = args.models or profile["models"]
+    unknown = sorted(set(models) - set(profile["models"]))
+    if unknown:
+        parser.error(f"--models: {', '.join(unknown)} not in the {args.profile} profile "
+                     f"({', '.join(profile['models'])})")
+    results = {"profile": args.profile, "overrides": [*profile["overrides"], *args.set], "parallel": args.parallel,
+               "date": time.strftime("%Y-%m-%d"), "models": {}}
     images = {}
-    for model in profile["models"]:
-        results["models"][model] = run_model(model, profile, args.out / model, args.skip_existing)
-        image = Path("docs/img") / f"quality_{args.profile}_{model}.png"
-        image.parent.mkdir(parents=True, exist_ok=True)
-        plot(model, results["models"][model], image)
-        images[model] = str(image.relative_to("docs"))
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        for model in models:
+            results["models"][model] = run_model(model, profile, args.out / model, args.skip_existing, args.set,
+                                                 pool)
+            image = Path("docs/img") / f"quality_{args.profile}_{model}.png"
+            image.parent.mkdir(parents=True, exist_ok=True)
+            plot(model, results["models"][model], image)
+            images[model] = str(image.relative_to("docs"))
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     command = "python tools/bench_quality.py " + " ".join(sys.argv[1:])
-    text = report(results, command, images)
-    print(text)
-    if args.write_docs:
-        write_block(args.write_docs, f"<!-- bench_quality_{args.profile}:start -->",
-                    f"<!-- bench_quality_{args.profile}:end -->", text)
+    for model, res in results["models"].items():
+        text = report(model, res, results, command, images[model])
+        print(text)
+        if args.write_docs:
+            write_block(args.write_docs, f"<!-- bench_quality_{args.profile}_{model}:start -->",
+                        f"<!-- bench_quality_{args.profile}_{model}:end -->", text)
 
 
 if __name__ == "__main__":
