@@ -167,6 +167,7 @@ def main() -> None:
         for model in models:
             results["models"][model] = run_model(model, profile, args.out / model, args.skip_existing, args.set,
                                                  pool)
+            (args.out / "results.json").write_text(json.dumps(results, indent=2))  # before plotting
             image = Path("docs/img") / f"quality_{args.profile}_{model}.png"
             image.parent.mkdir(parents=True, exist_ok=True)
             plot(model, results["models"][model], image)
