@@ -84,7 +84,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: i
     else:
         def factor(step: int) -> float:
             return 1.0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    warmup = round(t.lr_warmup_epochs * total_steps / t.epochs)
+    if warmup <= 0:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def warmed(step: int) -> float:
+        return factor(step) * min(1.0, (step + 1) / warmup)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmed)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from cap.config import ConfigError, build_config, load_config
     ("train.epochs=two", "train.epochs"),
     ("data.name=svhn", "data.name"),
     ("prune", "key=value"),
+    ("train.lr_warmup_epochs=8", "train.lr_warmup_epochs"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
@@ -80,3 +81,24 @@ def test_cli_stops_a_diverged_run_with_a_clear_error(tmp_path):
     assert "training loss not finite in epoch 1" in result.stderr and "train.lr=1e+06" in result.stderr
     assert not (out / "summary.json").exists()
     assert not (out / "checkpoints" / "last.pt").exists()  # a broken network is not saved over anything
+
+
+def test_lr_warmup_ramps_linearly_then_follows_the_schedule():
+    import math
+
+    import torch
+
+    from cap.trainer import make_scheduler
+
+    cfg = build_config({}, ["train.epochs=4", "train.lr=0.1", "train.lr_warmup_epochs=1"])
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=cfg.train.lr)
+    sched = make_scheduler(opt, cfg, total_steps=40)  # 10 steps per epoch
+    rates = []
+    for _ in range(40):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    cosine = [0.05 * (1 + math.cos(math.pi * s / 40)) for s in range(40)]
+    assert rates[:10] == pytest.approx([cosine[s] * (s + 1) / 10 for s in range(10)])
+    assert rates[10:] == pytest.approx(cosine[10:])

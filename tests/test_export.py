@@ -188,6 +188,9 @@ def test_an_emptied_unit_layer_removes_the_block():
     list(model.blocks())[4].unit_gates()[0].theta.fill_(0.1)
     compact = compact_from_gated(model)
     assert isinstance(compact.blocks[4], ShortcutBlock)
+    assert not compact.blocks[4].needs_relu  # identity shortcut of a ReLU output: the ReLU is a no-op, left out
+    from cap.models.blocks import ProjectionShortcut
+    assert ShortcutBlock(ProjectionShortcut(4, 8, 2)).needs_relu  # a projection can go negative: ReLU kept
     model.eval()
     set_gate_mode(model, "deterministic")  # the evaluated network drops that block too, and so do its costs
     x = torch.randn(3, 1, 32, 32)

@@ -15,7 +15,7 @@ from tests.mlflow_server import MlflowServer
 pytestmark = [pytest.mark.mlflow, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "mac_ratio", "param_ratio", "layers_kept",
-                 "units_kept", "theta_undecided", "epoch_seconds"]
+                 "units_kept", "theta_undecided", "theta_locked", "epoch_seconds"]
 ARTIFACTS = {"config.yaml", "summary.json", "history.json", "model.pt", "plots/structure.png", "plots/thetas.png"}
 
 
