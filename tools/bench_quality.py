@@ -148,19 +148,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out/quality"))
     parser.add_argument("--skip-existing", action="store_true")
     parser.add_argument("--models", nargs="+", help="a subset of the profile's models")
+    parser.add_argument("--taus", nargs="+", type=float, help="replace the profile's taus (e.g. smaller ones for "
+                        "ResNet-56, whose 27 blocks each carry a small share of the cost)")
     parser.add_argument("--parallel", type=int, default=1,
                         help="runs of a phase at once (e.g. on a GPU); times are then contended, not comparable")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
                         help="overrides for every run, e.g. train.device=cuda data.root=DIR")
     parser.add_argument("--write-docs", type=Path)
     args = parser.parse_args()
-    profile = PROFILES[args.profile]
+    profile = dict(PROFILES[args.profile], **({"taus": args.taus} if args.taus else {}))
     models = args.models or profile["models"]
     unknown = sorted(set(models) - set(profile["models"]))
     if unknown:
         parser.error(f"--models: {', '.join(unknown)} not in the {args.profile} profile "
                      f"({', '.join(profile['models'])})")
-    results = {"profile": args.profile, "overrides": [*profile["overrides"], *args.set], "parallel": args.parallel,
+    results = {"profile": args.profile, "taus": profile["taus"], "overrides": [*profile["overrides"], *args.set],
+               "parallel": args.parallel,
                "date": time.strftime("%Y-%m-%d"), "models": {}}
     images = {}
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
