@@ -313,5 +313,21 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return build_config(data, overrides)
 
 
+LEGACY_VALUES: dict[str, dict[str, Any]] = {"prune": {"lock_kept": False}}
+"""Keys added after runs could be checkpointed whose default changes what such a run does. A configuration
+saved without one (an older run folder or checkpoint) gets this value back, the behaviour it was started with.
+New keys whose default reproduces the old behaviour (e.g. train.lr_warmup_epochs = 0) need no entry."""
+
+
+def with_legacy_values(data: dict) -> dict:
+    """A copy of a saved configuration mapping with the LEGACY_VALUES it lacks filled in."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for section, values in LEGACY_VALUES.items():
+        node = out.setdefault(section, {})
+        for key, value in values.items():
+            node.setdefault(key, value)
+    return out
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)

@@ -153,7 +153,9 @@ class Pruner:
 
         description = repr([(self.names[id(b)], r) for b, r in plan.blocks] +
                            [(self.names[id(b)], k.tolist()) for b, _, k in plan.units])
-        self.sync.agree(what, digest_tensors([g.theta for g in gates_of(self.model)], description))
+        gates = gates_of(self.model)
+        self.sync.agree(what, digest_tensors([g.theta for g in gates] + [g.locked.to(torch.uint8) for g in gates],
+                                             description))
 
     def active_gates(self) -> list[Gate]:
         return [g for b in self.model.blocks() for g in [b.layer_gate, *b.unit_gates()] if g.active]
@@ -272,6 +274,8 @@ class Pruner:
             # checkpoints from before the keep rule have neither table: nothing locked, no streaks
             m.keep_streak = {by_name[n]: t.to(by_name[n].theta.device)
                              for n, t in saved["monitor"].get("keep_streak", {}).items()}
+            for gate in by_name.values():  # the checkpoint alone decides what is locked
+                gate.locked = torch.zeros_like(gate.theta, dtype=torch.bool)
             for n, t in saved.get("locked", {}).items():
                 by_name[n].locked = t.to(by_name[n].theta.device)
         if self.state.hardened:

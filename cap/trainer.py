@@ -31,7 +31,7 @@ from tqdm import tqdm
 from cap.arch import architecture
 from cap.bn import recalibrate_bn
 from cap.checkpoint import CheckpointError, StopRequest, load_latest, save_checkpoint
-from cap.config import Config, build_config, to_dict
+from cap.config import Config, build_config, to_dict, with_legacy_values
 from cap.data import DataError, build_data
 from cap.data.bundle import derive_seed, loader_positions, restore_loader_positions
 from cap.distributed import DistContext, digest_tensors, init_distributed
@@ -437,7 +437,7 @@ def _train(cfg: Config, out_dir: Path | None, log: Log, resume_dir: Path | None 
             log(f"resuming {resume_dir} from {path}: epoch {payload['position']['epoch'] + 1}, "
                 f"step {payload['position']['step_in_epoch']}")
             out_dir = resume_dir
-            if payload["config"] != to_dict(cfg):
+            if to_dict(build_config(with_legacy_values(payload["config"]))) != to_dict(cfg):
                 raise CheckpointError(f"{resume_dir}/config.yaml differs from the configuration stored in {path}; "
                                       "a run resumes with the configuration it was started with")
         run_dir = Path(ctx.broadcast_object(str(out_dir if out_dir is not None else default_run_dir(cfg))))
@@ -508,5 +508,5 @@ def resume(run_dir: Path | str, log: Log = print, on_epoch: EpochHook | None = N
                               "train.checkpoint=false, or is it not a run folder?)")
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing: cannot resume without the run's configuration")
-    cfg = build_config(yaml.safe_load(config_file.read_text()))
+    cfg = build_config(with_legacy_values(yaml.safe_load(config_file.read_text())))
     return _train(cfg, run_dir, log, resume_dir=run_dir, on_epoch=on_epoch)

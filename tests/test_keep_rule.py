@@ -62,27 +62,44 @@ def _pruner(lock_kept: bool) -> tuple[torch.nn.Module, Pruner]:
     return model, Pruner(model, cfg, steps_per_epoch=100, epochs=1)
 
 
-def _train(model: torch.nn.Module, pruner: Pruner, steps: int, important: Gate) -> None:
-    """Real forward/backward steps; `important`'s estimated importance is forced to 10x its cost."""
+def _train(model: torch.nn.Module, pruner: Pruner, steps: int, important: Gate, ratio: float = 10.0,
+           keep: Gate | None = None) -> list:
+    """Real forward/backward steps; `important`'s estimated importance is forced to `ratio` x its cost (and
+    `keep`'s, e.g. its block's layer gate, to 10x, so that the block stays). Returns `important`'s draws."""
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    draws = []
     for _ in range(steps):
         pruner.before_forward()
         F.cross_entropy(model(x), y).backward()
-        if important.xi is not None:
-            gamma = pruner.penalty.gammas()[important]
-            # dL/dxi such that the trapezoid estimate is -10 gamma for every unit of this gate
-            important.xi.grad = (-20 * gamma / len(important.xi)) * torch.where(
-                important.xi > 0.5, important.p_on, 1 - important.p_on).detach().expand_as(important.xi).clone()
+        assert important.xi is not None, "the block holding the gate under test must stay"
+        draws.append(important.xi.detach().clone())
+        gammas = pruner.penalty.gammas()
+        for gate, r in [(important, ratio), (keep, 10.0)]:
+            if gate is None:
+                continue
+            # dL/dxi such that the trapezoid estimate is -r * gamma for every structure of this gate
+            gate.xi.grad = ((-2 * r * gammas[gate] / len(gate.xi)) * torch.where(
+                gate.xi > 0.5, gate.p_on, 1 - gate.p_on).detach().expand_as(gate.xi)).to(gate.xi.dtype)
         pruner.after_step()
+    return draws
 
 
 def test_pruner_locks_important_units_keeps_them_at_one_and_checkpoints_the_lock():
     model, pruner = _pruner(lock_kept=True)
-    important = next(iter(model.blocks())).unit_gates()[0]
-    _train(model, pruner, steps=12, important=important)
+    block = next(iter(model.blocks()))
+    important = block.unit_gates()[0]
+    _train(model, pruner, steps=12, important=important, keep=block.layer_gate)
     assert bool(important.locked.all()), "10x its cost at theta 1 for two checks: locked"
-    assert bool((important.theta == 1).all())
     assert pruner.stats()["theta_locked"] >= important.size
+    # once locked, a zero importance (the cost alone pulls) no longer moves it, drops it or removes it
+    draws = _train(model, pruner, steps=15, important=important, ratio=0.0, keep=block.layer_gate)
+    assert bool((important.theta == 1).all()) and important.size == 4
+    assert all(bool((d == 1).all()) for d in draws)
+    unlocked, unlocked_pruner = _pruner(lock_kept=False)  # the same pull without the rule moves theta down
+    free_block = next(iter(unlocked.blocks()))
+    free = free_block.unit_gates()[0]
+    _train(unlocked, unlocked_pruner, steps=15, important=free, ratio=0.0, keep=free_block.layer_gate)
+    assert float(free.theta.max()) < 1
     # the lock is part of the pruner's checkpoint; a fresh pruner restores it by gate name
     saved = pruner.state_dict()
     twin, twin_pruner = _pruner(lock_kept=True)
@@ -90,20 +107,18 @@ def test_pruner_locks_important_units_keeps_them_at_one_and_checkpoints_the_lock
     twin.load_state_dict(model.state_dict())
     twin_pruner.load_state_dict(saved)
     assert [g.locked.tolist() for g in gates_of(twin)] == [g.locked.tolist() for g in gates_of(model)]
-    # a checkpoint written before the keep rule existed has no lock table: nothing is locked
-    for key in ("locked",):
-        saved.pop(key)
+    # a checkpoint written before the keep rule existed has no lock table: loading it leaves nothing locked,
+    # even in a pruner that had locks
+    saved.pop("locked")
     saved["monitor"].pop("keep_streak")
-    old, old_pruner = _pruner(lock_kept=True)
-    old_pruner.shrink_to(architecture(model, "resnet20", KW))
-    old_pruner.load_state_dict(saved)
-    assert not any(bool(g.locked.any()) for g in gates_of(old))
+    twin_pruner.load_state_dict(saved)
+    assert not any(bool(g.locked.any()) for g in gates_of(twin))
 
 
 def test_without_the_rule_nothing_locks():
     model, pruner = _pruner(lock_kept=False)
-    important = next(iter(model.blocks())).unit_gates()[0]
-    _train(model, pruner, steps=12, important=important)
+    block = next(iter(model.blocks()))
+    _train(model, pruner, steps=12, important=block.unit_gates()[0], keep=block.layer_gate)
     assert not any(bool(g.locked.any()) for g in gates_of(model))
 
 

@@ -96,7 +96,8 @@ def reference(tmp_path_factory) -> Path:
     """configs/smoke.yaml for 3 epochs, never interrupted."""
     if "out" not in _REFERENCE:
         out = tmp_path_factory.mktemp("uninterrupted")
-        run(load_config("configs/smoke.yaml", OVERRIDES), out, log=lambda _: None)
+        summary = run(load_config("configs/smoke.yaml", OVERRIDES), out, log=lambda _: None)
+        assert summary["theta_locked"] > 0, "the resumed runs must also carry keep-rule locks across the stop"
         _REFERENCE["out"] = out
     return _REFERENCE["out"]
 
@@ -189,3 +190,30 @@ def test_resume_of_a_folder_without_checkpoints(tmp_path):
     done = subprocess.run([sys.executable, "-m", "cap", "train", "--resume", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no checkpoints/ folder" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_run_checkpointed_before_the_keep_rule_resumes_without_it(tmp_path):
+    """A run folder from before prune.lock_kept existed (the key missing from config.yaml and the checkpoint)
+    resumes with the behaviour it was started with, not with the new default."""
+    import yaml
+
+    out = tmp_path / "old"
+
+    def stop_after_epoch_1(line: str) -> None:
+        if line.startswith("epoch 1/3"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted):
+        run(load_config("configs/smoke.yaml", [*OVERRIDES, "prune.lock_kept=false"]), out, log=stop_after_epoch_1)
+    raw = yaml.safe_load((out / "config.yaml").read_text())
+    del raw["prune"]["lock_kept"]
+    (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    checkpoint = read_checkpoint(out / "checkpoints" / "last.pt")
+    del checkpoint["config"]["prune"]["lock_kept"]
+    checkpoint["pruner"].pop("locked")
+    checkpoint["pruner"]["monitor"].pop("keep_streak")
+    save_checkpoint(checkpoint, out / "checkpoints")
+    summary = resume(out, log=lambda _: None)
+    assert summary["theta_locked"] == 0, "the old run must not switch to the keep rule half-way"
+    assert summary["theta_undecided"] > 0  # without the rule thetas are still walking (this config never hardens)

@@ -74,13 +74,15 @@ into the convolutions, conv+ReLU fused); onnxruntime: the ONNX export in onnxrun
 optimisations on)"""
 
 
-def uniform_reference(spec: dict, macs: int) -> tuple[nn.Module, int]:
+def uniform_reference(spec: dict, macs: int) -> tuple[nn.Module, int] | tuple[None, None]:
     """The dense architecture with every width scaled by one factor (what uniform channel pruning such as
     Torch-Pruning's leaves), at the base width whose MACs come closest to `macs`: random weights, exported the
     same way. Its speed-up per MAC speed-up separates the cost of thin layers on this CPU from cap's structure."""
+    if "width" not in spec["kwargs"]:  # only the CIFAR-style ResNets have one base width to scale
+        return None, None
     size, channels = spec["kwargs"]["input_size"], spec["kwargs"]["in_channels"]
     best = None
-    for width in range(2, spec["kwargs"].get("width", 16) + 1):
+    for width in range(2, spec["kwargs"]["width"] + 1):
         net = compact_from_gated(create_model(spec["name"], **{**spec["kwargs"], "width": width}).eval())
         net_macs, _ = count_macs_params(net, size, channels)
         if best is None or abs(net_macs - macs) < abs(best[1] - macs):
@@ -142,7 +144,9 @@ def main() -> None:
             x = torch.randn(batch, channels, size, size)
             with torch.inference_mode():
                 assert float((masked(x) - compact(x)).abs().max()) < 1e-3, "the masked twin must equal the compact"
-            nets = {"dense": dense, "masked": masked, "compact": compact, "r8": rounded, "uniform": uniform}
+            nets = {"dense": dense, "masked": masked, "compact": compact, "r8": rounded}
+            if uniform is not None:
+                nets["uniform"] = uniform
             mac_speedup = dense_macs / macs
             med: dict[tuple[str, str], float] = {}
             for rt in args.runtimes:  # one runtime at a time (their thread pools would contend), nets interleaved
@@ -156,7 +160,7 @@ def main() -> None:
                         times[name].append(latency_ms(m, x))
                 med.update({(rt, name): statistics.median(v) for name, v in times.items()})
                 d, c = med[(rt, "dense")], med[(rt, "compact")]
-                uniform_ratio = (d / med[(rt, "uniform")]) / (dense_macs / uniform_macs)
+                uniform_ratio = (d / med[(rt, "uniform")]) / (dense_macs / uniform_macs) if uniform else None
                 rows.append((run.name, batch, rt, d, med[(rt, "masked")], c, med[(rt, "r8")],
                              1 - macs / dense_macs, d / c, mac_speedup, uniform_ratio))
                 print(f"{run.name} batch {batch} {rt}: dense {d:.2f} ms, masked {med[(rt, 'masked')]:.2f} ms, "
@@ -169,7 +173,8 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, batch, rt, d, m, c, r8, cut, speed, ideal, uniform_ratio in rows:
         lines.append(f"| {name} | {batch} | {rt} | {d:.2f} | {m:.2f} | {c:.2f} | {r8:.2f} | {cut:.1%} | "
-                     f"{speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} | {uniform_ratio:.2f} |")
+                     f"{speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} | "
+                     f"{'-' if uniform_ratio is None else f'{uniform_ratio:.2f}'} |")
     text = "\n".join(lines)
     print(text)
     if args.write_docs:

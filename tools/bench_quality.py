@@ -29,7 +29,7 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,6 +55,15 @@ def point(s: dict, dense_macs: float) -> tuple[float, float]:
     return 1 - s["macs_final"] / dense_macs, s["test_acc"]
 
 
+def _result(future: Future, pool: ThreadPoolExecutor) -> dict:
+    """The run's summary; a failed run cancels the runs still queued instead of waiting hours for them."""
+    try:
+        return future.result()
+    except Exception:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+
+
 def run_model(model: str, profile: dict, out: Path, skip: bool, extra: list[str], pool: ThreadPoolExecutor) -> dict:
     """Phase 1: dense and, per tau, the three cap variants; phase 2 (needs cap's result): Torch-Pruning at
     cap's MACs and cap's architecture from scratch. Runs of a phase go to `pool` (one worker: one at a time)."""
@@ -68,7 +77,7 @@ def run_model(model: str, profile: dict, out: Path, skip: bool, extra: list[str]
                                               out / f"units_tau{t}", skip)
         first[("cap layers", t)] = pool.submit(cap_run, CONFIG, [*base, f"prune.tau={tau}", "prune.units=false"],
                                                out / f"layers_tau{t}", skip)
-    done = {key: f.result() for key, f in first.items()}
+    done = {key: _result(f, pool) for key, f in first.items()}
     second = {}
     for tau in profile["taus"]:
         t = f"{tau:g}"
@@ -80,7 +89,7 @@ def run_model(model: str, profile: dict, out: Path, skip: bool, extra: list[str]
         second[("scratch", t)] = pool.submit(cap_run, CONFIG, [*base, "prune.tau=0",
                                                                f"model.arch={out / f'cap_tau{t}' / 'model.pt'}"],
                                              out / f"scratch_tau{t}", skip)
-    done.update({key: f.result() for key, f in second.items()})
+    done.update({key: _result(f, pool) for key, f in second.items()})
     res: dict = {"dense": done[("dense", None)], "taus": {}}
     print(f"{model} dense {res['dense']['test_acc']:.4f}", flush=True)
     for tau in profile["taus"]:
@@ -166,6 +175,8 @@ def main() -> None:
                "parallel": args.parallel,
                "date": time.strftime("%Y-%m-%d"), "models": {}}
     images = {}
+    if args.parallel < 1:
+        parser.error("--parallel must be >= 1")
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         for model in models:
             results["models"][model] = run_model(model, profile, args.out / model, args.skip_existing, args.set,

@@ -21,7 +21,8 @@ run() { local name=$1; shift; timeout "${RUN_LIMIT:-100000}" "$@" > "$OUT/$name.
 for seed in ${DENSE_SEEDS:-0}; do
   run "dense-s$seed" $PY -m cap train "${common[@]}" prune.tau=0 seed="$seed" --out "$OUT/dense-s$seed" &
 done
-# VARIANTS="name=key=value,key=value name2=..." : any further cap runs, each with its own overrides
+# VARIANTS="name=key=value,key=value name2=..." : any further cap runs, each with its own overrides (values
+# are split at commas, so a list value such as train.milestones=[0.5,0.75] cannot be given here)
 for variant in ${VARIANTS:-}; do
   name=${variant%%=*}
   IFS=, read -r -a ovs <<< "${variant#*=}"
