@@ -115,8 +115,9 @@ class Pruner:
                 self.skipped_steps += 1
             else:
                 self.theta_sgd.step(grads, gammas)
-                for gate in grads:
-                    gate.theta.masked_fill_(gate.locked, 1.0)
+                if self.cfg.lock_kept:  # locked thetas stay at 1
+                    for gate in grads:
+                        gate.theta.masked_fill_(gate.locked, 1.0)
                 self.monitor.observe(grads)
             if (self.state.step - self.warmup_steps + 1) % self.cfg.check_every == 0:
                 remove, lock = self.monitor.ready(gammas)

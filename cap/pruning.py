@@ -9,14 +9,13 @@ consecutive checks,
 A structure with theta near 0 but large importance is outside the basin: removing it would be
 premature, so it stays (and, being sampled with probability `explore`, can still come back).
 
-The keep rule is the mirror image (optional, `prune.lock_kept`): a structure the deterministic network
+The keep rule is the mirror image (`prune.lock_kept`, on by default): a structure the deterministic network
 keeps (theta >= 0.5) whose importance stays above (1 + margin) * w gamma_s for `patience` checks is
 locked on: theta = 1, xi = 1 from then on. By the mean dynamics it is flowing to 1 anyway (the trapezoid
 estimate does not depend on theta), its cost mostly falls later (a unit's gamma_s shrinks as the rest is
 pruned; in a bottleneck it can also rise when the neighbouring layer's thetas do), and locking does not
-change the deterministic network. What it buys is that a structure
-known to be kept stops being dropped at random (the explore draws and the theta walk's excursions), which
-is dropout on the network being trained.
+change the deterministic network. What it buys is that a structure known to be kept stops being dropped
+at random (the explore draws and the theta walk's excursions), which is dropout on the network in training.
 """
 
 from __future__ import annotations

@@ -390,7 +390,7 @@ def epoch_line(record: dict, epochs: int, hardened: bool) -> str:
     return (f"epoch {record['epoch']}/{epochs} loss {record['train_loss']:.3f} test_acc {record['test_acc']:.4f} "
             f"MACs {record['mac_ratio']:.3f} params {record['param_ratio']:.3f} "
             f"blocks {record['layers_kept']}/{record['layers_total']} units {record['units_kept']}/"
-            f"{record['units_total']} undecided {record['theta_undecided']} locked {record.get('theta_locked', 0)}"
+            f"{record['units_total']} undecided {record['theta_undecided']} locked {record['theta_locked']}"
             f"{' hardened' if hardened else ''} "
             f"({record['epoch_seconds']:.1f}s)")
 
