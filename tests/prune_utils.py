@@ -2,7 +2,7 @@
 
 import torch
 
-from cap.gates import set_gate_mode
+from cap.core.gates import set_gate_mode
 
 
 def random_prune(model, block_drop: float, unit_drop: float, keep_one_block_per_stage: bool = False) -> None:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from cap.core.objective import ComplexityPenalty
 from cap.models import create_model
-from cap.objective import ComplexityPenalty
 from tests.tiny import TinyNet, config_weight, enumerate_configs, loss_and_grad_at
 
 

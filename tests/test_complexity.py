@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cap.complexity import count_params, deterministic_values, expected_cost
-from cap.gates import set_gate_mode
+from cap.core.complexity import count_params, deterministic_values, expected_cost
+from cap.core.gates import set_gate_mode
 from cap.models import create_model
 from tests.prune_utils import random_prune
 
@@ -51,8 +51,8 @@ def test_randomly_pruned_counts_match_independent_counter(name, size, classes):
     # prediction from the masked network (thetas 0/1), before any surgery ...
     predicted = expected_cost(model, deterministic_values)
     # ... and the physically pruned network counted by torch itself
-    from cap.config import PruneConfig
-    from cap.pruner import Pruner
+    from cap.core.pruner import Pruner
+    from cap.engine.config import PruneConfig
 
     Pruner(model, PruneConfig(tau=1.0), steps_per_epoch=1, epochs=1).harden()
     set_gate_mode(model, "dense")

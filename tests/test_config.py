@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from cap.config import ConfigError, build_config, load_config
+from cap.engine.config import ConfigError, build_config, load_config
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -88,7 +88,7 @@ def test_lr_warmup_ramps_linearly_then_follows_the_schedule():
 
     import torch
 
-    from cap.trainer import make_scheduler
+    from cap.engine.run import make_scheduler
 
     cfg = build_config({}, ["train.epochs=4", "train.lr=0.1", "train.lr_warmup_epochs=1"])
     param = torch.nn.Parameter(torch.zeros(1))

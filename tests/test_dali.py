@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cap.config import build_config
 from cap.data import DataError, build_data
+from cap.engine.config import build_config
 
 pytestmark = pytest.mark.dali
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda120)")

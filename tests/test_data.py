@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from cap.config import DataConfig
 from cap.data import DataError, TensorLoader, build_data
 from cap.data.cifar import load_cifar
 from cap.data.idx import FASHION_ROOT, FILES, load_idx, parse_idx
 from cap.data.imagenet import eval_transform
 from cap.data.tensor_loader import channel_stats, random_crop_flip
+from cap.engine.config import DataConfig
 
 # ---------------------------------------------------------------- IDX
 

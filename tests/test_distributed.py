@@ -19,12 +19,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from cap.config import PruneConfig
+from cap.core.gates import gates_of
+from cap.core.pruner import Pruner
+from cap.core.sync import digest_tensors
 from cap.data.bundle import shard_indices
-from cap.distributed import DistContext, RankMismatchError, digest_tensors
-from cap.gates import gates_of
+from cap.engine.config import PruneConfig
+from cap.engine.distributed import DistContext, RankMismatchError
 from cap.models import create_model
-from cap.pruner import Pruner
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cap.arch import architecture
-from cap.complexity import deterministic_values, expected_cost
-from cap.export import ExportError, compact_from_gated, count_macs_params, export, load_compact
-from cap.gates import Gate, set_gate_mode
+from cap.core.arch import architecture
+from cap.core.blocks import GatedBlock
+from cap.core.complexity import deterministic_values, expected_cost
+from cap.core.gates import Gate, set_gate_mode
+from cap.core.surgery import remove_block, remove_units
+from cap.deploy.compact import ExportError, compact_from_gated, count_macs_params, export, load_compact
 from cap.models import create_model
-from cap.models.blocks import GatedBlock
-from cap.surgery import remove_block, remove_units
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,7 +181,7 @@ def test_cli_export(tmp_path):
 
 def test_an_emptied_unit_layer_removes_the_block():
     """As in hardening (docs/method.md): a block whose internal layer loses every unit goes as a whole."""
-    from cap.export import ShortcutBlock
+    from cap.deploy.compact import ShortcutBlock
 
     model = create_model("resnet20", num_classes=10, in_channels=1, input_size=32)
     randomise(model, 2)
@@ -189,7 +189,7 @@ def test_an_emptied_unit_layer_removes_the_block():
     compact = compact_from_gated(model)
     assert isinstance(compact.blocks[4], ShortcutBlock)
     assert not compact.blocks[4].needs_relu  # identity shortcut of a ReLU output: the ReLU is a no-op, left out
-    from cap.models.blocks import ProjectionShortcut
+    from cap.core.blocks import ProjectionShortcut
     assert ShortcutBlock(ProjectionShortcut(4, 8, 2)).needs_relu  # a projection can go negative: ReLU kept
     model.eval()
     set_gate_mode(model, "deterministic")  # the evaluated network drops that block too, and so do its costs
@@ -202,7 +202,8 @@ def test_an_emptied_unit_layer_removes_the_block():
 
 def test_a_model_built_from_a_pruned_architecture_replays_it_without_changes():
     """Resuming a model.arch run replays the checkpoint's architecture on a model that starts pruned."""
-    from cap.arch import build_from_architecture, removal_plan_for
+    from cap.core.arch import removal_plan_for
+    from cap.models import build_from_architecture
 
     model = pruned("resnet20", "every_stage", num_classes=10, in_channels=1, input_size=32)
     spec = architecture(model, "resnet20", {"num_classes": 10, "in_channels": 1, "input_size": 32})
@@ -224,8 +225,8 @@ def test_compact_from_gated_leaves_the_gated_model_alone():
 
 
 def test_training_a_pruned_architecture_from_scratch(tmp_path):
-    from cap.config import load_config
-    from cap.trainer import run
+    from cap.engine.config import load_config
+    from cap.engine.run import run
 
     kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 32, "width": 16}
     model = pruned("resnet20", "not_hardened", **kwargs)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cap.arch import architecture
-from cap.config import PruneConfig
-from cap.gates import Gate, gates_of
+from cap.core.arch import architecture
+from cap.core.gates import Gate, gates_of
+from cap.core.pruner import Pruner
+from cap.core.rules import PruningMonitor
+from cap.engine.config import PruneConfig
 from cap.models import create_model
-from cap.pruner import Pruner
-from cap.pruning import PruningMonitor
 
 
 def _monitor_after(importance: torch.Tensor, theta: torch.Tensor, gamma: float, checks: int) -> torch.Tensor:
@@ -123,7 +123,7 @@ def test_without_the_rule_nothing_locks():
 
 
 def test_surgery_slices_the_lock_with_the_thetas():
-    from cap.surgery import remove_units
+    from cap.core.surgery import remove_units
 
     model, _ = _pruner(lock_kept=True)
     block = next(iter(model.blocks()))

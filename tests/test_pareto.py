@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from cap.pareto import dominates, hypervolume_2d, hypervolume_3d, non_dominated
+from cap.sweeps.pareto import dominates, hypervolume_2d, hypervolume_3d, non_dominated
 
 
 def brute_front(points):

@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("torch_pruning")
 
-from cap.config import load_config  # noqa: E402
-from cap.gates import set_gate_mode  # noqa: E402
+from cap.core.gates import set_gate_mode  # noqa: E402
+from cap.engine.config import load_config  # noqa: E402
 from cap.models import create_model  # noqa: E402
 
 _PATH = Path(__file__).resolve().parents[1] / "tools" / "peers" / "torch_pruning_baseline.py"

@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cap.config import PruneConfig, load_config
-from cap.gates import gates_of
+from cap.core.gates import gates_of
+from cap.engine.config import PruneConfig, load_config
+from cap.engine.run import run
 from cap.models import create_model
-from cap.trainer import run
 
 
 def _pruner_and_batch():
-    from cap.pruner import Pruner
+    from cap.core.pruner import Pruner
 
     torch.manual_seed(0)
     model = create_model("resnet20", width=4, num_classes=3, in_channels=1, input_size=8)
@@ -37,7 +37,7 @@ def _one_step(model, pruner, x, y, scale: float) -> torch.Tensor:
 def test_theta_step_divides_out_the_loss_scale():
     model, pruner, x, y = _pruner_and_batch()
     twin, twin_pruner = copy.deepcopy(model), None
-    from cap.pruner import Pruner
+    from cap.core.pruner import Pruner
 
     twin_pruner = Pruner(twin, pruner.cfg, steps_per_epoch=10, epochs=1)
     plain = _one_step(model, pruner, x, y, 1.0)

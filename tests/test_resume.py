@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cap.arch import build_from_architecture
-from cap.checkpoint import CheckpointError, StopRequest, load_latest, read_checkpoint, save_checkpoint
-from cap.config import load_config
-from cap.models import create_model
-from cap.trainer import Preempted, resume, run
+from cap.engine.checkpoint import CheckpointError, StopRequest, load_latest, read_checkpoint, save_checkpoint
+from cap.engine.config import load_config
+from cap.engine.run import Preempted, resume, run
+from cap.models import build_from_architecture, create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["train.epochs=3", "train.progress=false", "tracking.enabled=false"]

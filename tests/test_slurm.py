@@ -171,7 +171,7 @@ def _removed(arch: dict) -> dict[str, tuple[bool, list[int]]]:
 def test_requeued_job_resumes_to_the_uninterrupted_network(ddp_run, tmp_path, how):
     """SLURM requeues the job (SIGTERM), or submitit's time-limit/preemption signal asks the job to requeue
     itself; either way the trainer checkpoints first, and the requeued job ends where the uninterrupted did."""
-    from cap.checkpoint import read_checkpoint
+    from cap.engine.checkpoint import read_checkpoint
 
     done = cap_submit(tmp_path, "--cluster", str(ROOT / "slurm" / "local.yaml"), "--", "train", *TRAIN,
                       "--out", "run", timeout=120)
@@ -222,7 +222,7 @@ def test_requeued_job_resumes_to_the_uninterrupted_network(ddp_run, tmp_path, ho
     ({"extra_sbatch": {"gres": "gpu:1"}}, "Invalid generic resource"),
 ])
 def test_bad_profile_fails_at_submit_time_and_queues_nothing(cluster, tmp_path, capsys, change, message):
-    from cap.launch.submit_cli import main
+    from cap.cli.submit import main
 
     data = {k: v for k, v in {**LOCAL, **change}.items() if v is not None}
     profile = tmp_path / "bad.yaml"
@@ -246,7 +246,7 @@ SWEEP = {"name": "slurm-sweep", "base": {"config": str(ROOT / "configs" / "smoke
 @pytest.mark.slurm
 @pytest.mark.ray
 def test_sweep_job_runs_three_trials_each_an_mlflow_run(cluster, tmp_path):
-    pytest.importorskip("cap.sweep_cli")
+    pytest.importorskip("cap.cli.sweep")
     from mlflow.tracking import MlflowClient
 
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(SWEEP))

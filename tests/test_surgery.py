@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cap.arch import architecture, build_from_architecture
-from cap.complexity import deterministic_values, expected_cost
-from cap.config import PruneConfig
-from cap.gates import set_gate_mode
-from cap.models import create_model
-from cap.pruner import Pruner
-from cap.pruning import plan_removals
+from cap.core.arch import architecture
+from cap.core.complexity import deterministic_values, expected_cost
+from cap.core.gates import set_gate_mode
+from cap.core.pruner import Pruner
+from cap.core.rules import plan_removals
+from cap.engine.config import PruneConfig
+from cap.models import build_from_architecture, create_model
 from tests.prune_utils import random_prune
 
 

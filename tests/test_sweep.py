@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cap.config import ConfigError
-from cap.pareto import hypervolume_2d, hypervolume_3d, non_dominated
-from cap.sweep_spec import SweepSpecError, load_sweep
+from cap.engine.config import ConfigError
+from cap.sweeps.pareto import hypervolume_2d, hypervolume_3d, non_dominated
+from cap.sweeps.spec import SweepSpecError, load_sweep
 from tests.mlflow_server import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_sweep_runs_are_nested_mlflow_runs_with_params_and_final_metrics(served_
     exp = client.get_experiment_by_name("sweep-test")
     state = json.loads((served_sweep["folder"] / "sweep.json").read_text())
     parent = client.get_run(state["parent_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.tags["cap.sweep"] == "tiny"
+    assert parent.info.status == "FINISHED" and parent.data.tags["cap.sweeps.tune"] == "tiny"
     assert parent.data.metrics["trials"] == 8 and parent.data.metrics["trials_failed"] == 4
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     done = [r for r in children if r.info.status == "FINISHED"]
@@ -283,7 +283,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("resume")
-    parents = client.search_runs([exp.experiment_id], "tags.`cap.sweep` = 'resume'")
+    parents = client.search_runs([exp.experiment_id], "tags.`cap.sweeps.tune` = 'resume'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # one parent run across both starts
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     counted = [r for r in children if r.info.status == "FINISHED" and r.data.tags.get("cap.superseded") != "true"]
@@ -291,7 +291,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
 
 
 def test_a_changed_space_does_not_resume_into_the_old_folder(tmp_path):
-    from cap.sweep import SweepError, run_sweep
+    from cap.sweeps.tune import SweepError, run_sweep
 
     path = write_sweep(tmp_path)
     folder = tmp_path / "sweeps_out" / "t"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cap.gates import Gate
-from cap.objective import ThetaSGD
+from cap.core.gates import Gate
+from cap.core.objective import ThetaSGD
 
 
 def _walk(step_norm: str, gamma: float, noise: float, steps: int, seed: int = 0) -> torch.Tensor:

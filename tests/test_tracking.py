@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cap.config import Config, TrackingConfig, to_dict
+from cap.engine.config import Config, TrackingConfig, to_dict
 from cap.tracking import (
     MAX_PARAM_LEN,
     PENDING_FILE,
@@ -439,7 +439,7 @@ def trajectory_example() -> list[dict]:
 def test_plot_structure(tmp_path):
     import matplotlib.image
 
-    from cap.plots import plot_structure
+    from cap.engine.plots import plot_structure
 
     path = plot_structure(structure_example(), tmp_path / "figs" / "structure.png", title="resnet20")
     assert path == tmp_path / "figs" / "structure.png"
@@ -459,7 +459,7 @@ def test_plot_structure(tmp_path):
 def test_plot_theta_trajectory(tmp_path):
     import matplotlib.image
 
-    from cap.plots import plot_theta_trajectory
+    from cap.engine.plots import plot_theta_trajectory
 
     path = plot_theta_trajectory(trajectory_example(), tmp_path / "thetas.png")
     width, height = png_size(path)

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from cap.arch import build_from_architecture
-from cap.config import load_config
-from cap.trainer import run
+from cap.engine.config import load_config
+from cap.engine.run import run
+from cap.models import build_from_architecture
 
 pytestmark = pytest.mark.slow
 _CACHE: dict = {}

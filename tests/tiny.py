@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cap.gates import Gate
-from cap.models.blocks import BasicBlock
+from cap.core.blocks import BasicBlock
+from cap.core.gates import Gate
 
 
 class TinyNet(nn.Module):

@@ -32,10 +32,10 @@ START, END = "<!-- bench_core:start -->", "<!-- bench_core:end -->"
 
 def gating_overhead(config: str, overrides: list[str], rounds: int = 5, steps: int = 8) -> dict:
     """Median per-step time of sampled gates (with the theta step) over dense gates, interleaved."""
-    from cap.config import load_config
-    from cap.gates import set_gate_mode
+    from cap.core.gates import set_gate_mode
+    from cap.core.pruner import Pruner
+    from cap.engine.config import load_config
     from cap.models import create_model
-    from cap.pruner import Pruner
 
     cfg = load_config(config, [*overrides, "prune.warmup_epochs=0", "prune.check_every=1000000"])
     model = create_model(cfg.model.name, num_classes=10, in_channels=1, input_size=32)
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
     args = parser.parse_args()
     command = "python tools/bench_core.py " + " ".join(sys.argv[1:])
-    from cap.config import load_config
+    from cap.engine.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     results = {"machine": f"{torch.get_num_threads()} torch threads, CPU", "date": time.strftime("%Y-%m-%d"),

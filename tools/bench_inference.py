@@ -33,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_block import write_block  # noqa: E402
 
-from cap.export import (  # noqa: E402
+from cap.deploy.compact import (  # noqa: E402
     PlainBlock,
     build_compact,
     compact_architecture,

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import cap_run, peer_run  # noqa: E402
 from docs_block import write_block  # noqa: E402
 
-from cap.pareto import hypervolume_2d  # noqa: E402
+from cap.sweeps.pareto import hypervolume_2d  # noqa: E402
 
 CONFIG = "configs/fmnist_resnet20.yaml"
 COMMON = ["tracking.enabled=false", "train.checkpoint=false"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from cap.arch import build_from_architecture
+from cap.models import build_from_architecture
 
 
 def main() -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cap.config import DataConfig
 from cap.data.bundle import Batch, Batches, DataBundle, DataError
 from cap.data.cifar import load_cifar
+from cap.data.config import DataConfig
 from cap.data.idx import load_idx
 from cap.data.imagenet import build_imagenet
 from cap.data.tensor_loader import TensorLoader, in_memory_bundle

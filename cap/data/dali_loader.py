@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from cap.config import DataConfig
 from cap.data.bundle import Batch, CycleBatches, DataBundle, DataError, InMemoryData, derive_seed
+from cap.data.config import DataConfig
 
 DALI_HINT = ("data.loader=dali needs NVIDIA DALI: pip install nvidia-dali-cuda120==2.4.0 (it runs on the CPU "
              "without a GPU too), or use data.loader=torch")

@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets, transforms
 
-from cap.config import DataConfig
 from cap.data.bundle import CycleBatches, DataBundle, DataError, derive_seed, shard_indices, subset_indices
+from cap.data.config import DataConfig
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cap.config import DataConfig
 from cap.data.bundle import (
     Batch,
     CycleBatches,
@@ -23,6 +22,7 @@ from cap.data.bundle import (
     shard_indices,
     subset_indices,
 )
+from cap.data.config import DataConfig
 
 PAD = 4
 """zero padding of the random crop (the CIFAR ResNet recipe)"""

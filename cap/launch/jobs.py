@@ -30,7 +30,7 @@ RESUME_SIGNAL = "SIGUSR2"  # submitit's preemption/time-limit signal (SLURM --si
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    from cap.trainer import CHECKPOINT_DIR
+    from cap.engine.run import CHECKPOINT_DIR
 
     return any((run_dir / CHECKPOINT_DIR).glob("*.pt"))
 
@@ -58,8 +58,8 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         import torch
 
-        from cap.config import build_config
-        from cap.trainer import Preempted, resume, run
+        from cap.engine.config import build_config
+        from cap.engine.run import Preempted, resume, run
 
         # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM's; every task sees all GPUs of its
         # node, and the trainer picks cuda:LOCAL_RANK
@@ -110,7 +110,7 @@ class SweepJob(submitit.helpers.Checkpointable):
         self.args = args
 
     def __call__(self) -> int:
-        from cap import sweep_cli
+        from cap.cli import sweep as sweep_cli
 
         env = submitit.JobEnvironment()
         resources = _node_resources()

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from cap.models.blocks import BasicBlock, Bottleneck, GatedBlock, RemovedBlock, conv_bn
+from cap.core.blocks import BasicBlock, Bottleneck, GatedBlock, RemovedBlock, conv_bn
 from cap.models.registry import register_model
 
 

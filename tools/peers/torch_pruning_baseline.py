@@ -64,13 +64,12 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from cap.complexity import count_params, expected_cost
-from cap.config import Config, ConfigError, load_config, to_dict
+from cap.core.blocks import OptionAShortcut
+from cap.core.complexity import count_params, expected_cost
+from cap.core.gates import set_gate_mode
 from cap.data import build_data
-from cap.gates import set_gate_mode
-from cap.models import create_model
-from cap.models.blocks import OptionAShortcut
-from cap.trainer import (
+from cap.engine.config import Config, ConfigError, load_config, to_dict
+from cap.engine.run import (
     evaluate,
     make_scheduler,
     model_kwargs,
@@ -78,6 +77,7 @@ from cap.trainer import (
     pick_device,
     seed_everything,
 )
+from cap.models import create_model
 
 METHOD = "torch-pruning"
 TP_VERSION = importlib.metadata.version("torch-pruning")  # tp.__version__ of 1.6.1 still says "1.6.0"

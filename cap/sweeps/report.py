@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cap.pareto import hypervolume_2d, hypervolume_3d, non_dominated
+from cap.sweeps.pareto import hypervolume_2d, hypervolume_3d, non_dominated
 from cap.tracking import resolve_uri
 
 Log = Callable[[str], Any]
@@ -76,7 +76,7 @@ def fetch_runs(client: Any, experiment: str, parent: str | None = None) -> list[
         page = client.search_runs([exp.experiment_id], filter_string=query, max_results=1000, page_token=token)
         for run in page:
             m, p, tags = run.data.metrics, run.data.params, run.data.tags
-            if "cap.sweep" in tags or tags.get("cap.superseded") == "true":
+            if "cap.sweeps.tune" in tags or tags.get("cap.superseded") == "true":
                 continue
             if not all(k in m for k in ("final_test_acc", "mac_reduction", "param_reduction")):
                 continue

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cap.pareto_report import ParetoError, pareto_report
+    from cap.sweeps.report import ParetoError, pareto_report
 
     args = build_parser().parse_args(argv)
     default = Path("pareto") / (args.experiment + (f"-{args.parent}" if args.parent else ""))

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cap.arch import architecture
+from cap.core.arch import architecture
 
 if TYPE_CHECKING:
-    from cap.trainer import Training
+    from cap.engine.run import Training
 
 
 def build_summary(training: Training, peak_memory_mb: float) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def build_summary(training: Training, peak_memory_mb: float) -> dict[str, Any]:
 
 def write_outputs(training: Training, peak_memory_mb: float, tracker) -> dict[str, Any]:
     """Write the run folder's result files and plots, hand them to the tracker; returns the summary."""
-    from cap.plots import plot_structure, plot_theta_trajectory
+    from cap.engine.plots import plot_structure, plot_theta_trajectory
 
     out, cfg = training.out_dir, training.cfg
     summary = build_summary(training, peak_memory_mb)

@@ -2,7 +2,7 @@
 
 A `Gate` scales `size` structures (the channels of a tensor, or a whole residual branch when
 size == 1) by binary variables xi_s ~ Bern(theta_s). theta lives directly in [0, 1] as a buffer;
-it is moved by the projected theta step (cap.objective), never by the weight optimiser.
+it is moved by the projected theta step (cap.core.objective), never by the weight optimiser.
 
 Modes:
   dense          xi = 1, the gate is the identity (warm-up, hardened, or tau = 0);

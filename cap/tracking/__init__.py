@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cap.config import TrackingConfig
+    from cap.tracking.config import TrackingConfig
 
 STATE_FILE = "tracking.json"
 PENDING_FILE = "tracking_pending.jsonl"

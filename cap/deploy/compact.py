@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cap.arch import architecture, build_from_architecture
-from cap.gates import gates_of, set_gate_mode
-from cap.models.blocks import GatedBlock, OptionAShortcut
-from cap.pruning import deterministic_plan
-from cap.surgery import apply_plan
+from cap.core.arch import deterministic_architecture, drop_switched_off
+from cap.core.blocks import GatedBlock, OptionAShortcut
+from cap.core.gates import gates_of, set_gate_mode
+from cap.models import ArchitectureError, build_from_architecture, load_trained
 
 FORMAT = "cap-compact-1"
 FORMATS = ("state_dict", "torchscript", "onnx")
@@ -73,11 +72,6 @@ class CompactResNet(nn.Module):
         return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
 
-def _drop_switched_off(model: nn.Module) -> None:
-    """Physically remove what the deterministic network switches off, so that every gate left is all-ones."""
-    apply_plan(model, deterministic_plan(list(model.blocks())))
-
-
 def _pad_widths(block: GatedBlock, multiple: int) -> None:
     """Grow each internal width to a multiple of `multiple` with channels that always output zero."""
     stages = block.stages()
@@ -104,7 +98,7 @@ def _pad_widths(block: GatedBlock, multiple: int) -> None:
 def compact_from_gated(model: nn.Module, round_to: int | None = None) -> CompactResNet:
     """A plain copy of `model`'s deterministic network (the gated model itself is left untouched)."""
     model = copy.deepcopy(model).eval()
-    _drop_switched_off(model)
+    drop_switched_off(model)
     plain: list[nn.Module] = []
     for _, _, block in model.block_slots():
         if block.is_removed:
@@ -121,9 +115,7 @@ def compact_from_gated(model: nn.Module, round_to: int | None = None) -> Compact
 
 def compact_architecture(model: nn.Module, name: str, kwargs: dict, round_to: int | None) -> dict[str, Any]:
     """arch.json: the structure of the deterministic network after the same removals (and padding)."""
-    shrunk = copy.deepcopy(model)
-    _drop_switched_off(shrunk)
-    spec = architecture(shrunk, name, kwargs)
+    spec = deterministic_architecture(model, name, kwargs)
     for entry in spec["blocks"]:
         if round_to and not entry["removed"]:
             entry["widths"] = [w + (-w % round_to) for w in entry["widths"]]
@@ -160,20 +152,11 @@ def count_macs_params(model: nn.Module, input_size: int, in_channels: int) -> tu
 
 
 def load_run_model(run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained gated model of a run folder (model.pt: arch + state_dict, loaded with weights_only=True)."""
-    path = Path(run_dir) / "model.pt"
-    if not path.is_file():
-        raise ExportError(f"{path} does not exist: export needs a finished run folder (cap train writes model.pt "
-                          "at the end)")
+    """The trained gated model of a run folder, in deterministic mode, and its architecture."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_from_architecture(saved["arch"])
-        model.load_state_dict(saved["state_dict"])
-    except Exception as exc:
-        raise ExportError(f"{path} cannot be loaded as a cap model: {exc}") from exc
-    model.eval()
-    set_gate_mode(model, "deterministic")
-    return model, saved["arch"]
+        return load_trained(run_dir)
+    except ArchitectureError as exc:
+        raise ExportError(f"{exc} (export needs a finished run folder)") from exc
 
 
 def export(run_dir: str | Path, out_dir: str | Path, fmt: str = "state_dict", round_to: int | None = None) -> Path:

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_job(args: list[str], profile) -> tuple[Any, Path, str, str]:
     """(TrainJob, run folder, MLflow uri, experiment) from `cap train`'s own arguments."""
     from cap.cli import build_parser as cap_parser
-    from cap.config import ConfigError, load_config, to_dict
+    from cap.engine.config import ConfigError, load_config, to_dict
     from cap.launch.jobs import TrainJob
     from cap.tracking import resolve_uri
 
@@ -57,14 +57,14 @@ def _train_job(args: list[str], profile) -> tuple[Any, Path, str, str]:
     cfg = load_config(ns.config, ns.overrides)  # a bad key or value fails here, before anything is queued
     # the default store (./mlflow.db) is resolved against the submit directory, not wherever a node runs
     cfg.tracking.uri = resolve_uri(cfg.tracking.uri)
-    from cap.trainer import default_run_dir
+    from cap.engine.run import default_run_dir
 
     run_dir = Path(ns.out or default_run_dir(cfg)).resolve()
     return TrainJob(to_dict(cfg), str(run_dir)), run_dir, cfg.tracking.uri, cfg.tracking.experiment
 
 
 def _sweep_job(args: list[str]):
-    from cap.config import ConfigError
+    from cap.engine.config import ConfigError
     from cap.launch.jobs import SweepJob
 
     if not args or args[0].startswith("-"):
@@ -148,7 +148,7 @@ def _report(job, state: str, run_dir: Path | None) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from cap.config import ConfigError
+    from cap.engine.config import ConfigError
     from cap.launch.profile import ProfileError, check_against_cluster, load_profile
 
     if "--" not in argv:

@@ -24,9 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
-    from cap.config import ConfigError
-    from cap.sweep import SweepError, run_sweep
-    from cap.sweep_spec import load_sweep
+    from cap.engine.config import ConfigError
+    from cap.sweeps.spec import load_sweep
+    from cap.sweeps.tune import SweepError, run_sweep
 
     args = build_parser().parse_args(argv)
     try:

@@ -2,7 +2,7 @@
 
 Loading validates everything before Ray starts: unknown or missing keys, bad ranges, and every value
 the space can produce for a config key (grid/choice values and range bounds are built into a config
-and checked by cap.config), so a sweep never fails hours later on a typo.
+and checked by cap.engine.config), so a sweep never fails hours later on a typo.
 
     name: fmnist-resnet20            # Ray experiment name and MLflow parent run name
     base:
@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from cap.config import Config, ConfigError, build_config, load_config, parse_override, to_dict
+from cap.engine.config import Config, ConfigError, build_config, load_config, parse_override, to_dict
 
 RANGE_KINDS = ("uniform", "loguniform")
 LIST_KINDS = ("grid", "choice")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cap.gates import Gate
+from cap.core.gates import Gate
 
 ThetaOf = Callable[[Gate], Tensor]
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cap.gates import Gate
-from cap.models.blocks import GatedBlock, RemovedBlock
-from cap.pruning import RemovalPlan
+from cap.core.blocks import GatedBlock, RemovedBlock
+from cap.core.gates import Gate
+from cap.core.rules import RemovalPlan
 
 
 def _swap_parameter(module: nn.Module, name: str, new_data: Tensor, optimizer, index) -> None:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cap.config import to_dict
-from cap.sweep_spec import OBJECTIVES, SweepSpec
+from cap.engine.config import to_dict
+from cap.sweeps.spec import OBJECTIVES, SweepSpec
 from cap.tracking import ensure_experiment, resolve_uri
 
 Log = Callable[[str], Any]
@@ -82,8 +82,8 @@ def run_trial(values: dict[str, Any], context: TrialContext) -> None:
     """Ray Tune function trainable: one cap run with `values` applied to the base experiment."""
     from ray import tune
 
-    from cap.sweep_spec import with_values
-    from cap.trainer import resume, run
+    from cap.engine.run import resume, run
+    from cap.sweeps.spec import with_values
 
     os.chdir(context.cwd)  # Ray starts trials in their own folder; relative paths of the base config are the user's
     trial_id = tune.get_context().get_trial_id()
@@ -152,7 +152,7 @@ def _parent_run(spec: SweepSpec, uri: str, state: dict | None, log: Log) -> str:
             return state["parent_run_id"]
         experiment_id = ensure_experiment(client, spec.experiment, uri)
         run = client.create_run(experiment_id, run_name=spec.name,
-                                tags={"cap.sweep": spec.name, "cap.sweep_spec": str(spec.path.resolve()),
+                                tags={"cap.sweeps.tune": spec.name, "cap.sweeps.spec": str(spec.path.resolve()),
                                       "cap.sweep_dir": str(spec.experiment_dir)})
     except Exception as exc:  # noqa: BLE001 - any store failure: say which store and stop before any trial
         raise SweepError(f"MLflow tracking store {uri} is not usable for the sweep's parent run: {exc}") from exc
@@ -322,7 +322,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, log: Log = print) -> 
     for key, value in (("trials", len(rows)), ("trials_finished", len(finished)), ("trials_failed", len(failed))):
         client.log_metric(parent, key, value)
     if finished:
-        from cap.pareto_report import ParetoError, pareto_report
+        from cap.sweeps.report import ParetoError, pareto_report
 
         try:
             pareto_report(uri, spec.experiment, parent, folder / "pareto", log=log)

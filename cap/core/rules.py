@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from cap.gates import Gate
-from cap.models.blocks import GatedBlock
+from cap.core.blocks import GatedBlock
+from cap.core.gates import Gate
 
 
 @dataclass

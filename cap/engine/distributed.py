@@ -8,7 +8,6 @@ gradients averaged over ranks, and a check that every rank reached the same prun
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -91,14 +90,6 @@ class DistContext:
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def digest_tensors(tensors: list[Tensor], extra: str = "") -> str:
-    """sha256 over the exact bytes of `tensors` (and `extra`): equal digests mean bit-identical values."""
-    h = hashlib.sha256(extra.encode())
-    for t in tensors:
-        h.update(t.detach().to("cpu", copy=True).contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def init_distributed(device_kind: str, timeout_minutes: float = 30.0) -> DistContext:

@@ -15,17 +15,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from cap.config import ConfigError, load_config
+from cap.engine.config import ConfigError, load_config
 
 EXIT_PREEMPTED = 75
 """EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint; run again with --resume"""
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cap.checkpoint import CheckpointError
     from cap.data import DataError
-    from cap.distributed import RankMismatchError
-    from cap.trainer import Preempted, TrainingDiverged, resume, run
+    from cap.engine.checkpoint import CheckpointError
+    from cap.engine.distributed import RankMismatchError
+    from cap.engine.run import Preempted, TrainingDiverged, resume, run
 
     try:
         if args.resume is not None:
@@ -68,7 +68,7 @@ def _sync(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import json
 
-    from cap.export import ExportError, export
+    from cap.deploy.compact import ExportError, export
 
     out = Path(args.out) if args.out else Path(args.run_dir) / "export"
     try:
@@ -121,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands with their own argument parsers, in their own modules (imported only when used).
 DELEGATED = {
-    "sweep": ("cap.sweep_cli", "Ray Tune sweep of tau/alpha/beta (sweeps/*.yaml)"),
-    "pareto": ("cap.pareto_cli", "Pareto fronts and hypervolumes of runs tracked in MLflow"),
-    "submit": ("cap.launch.submit_cli", "run `cap train` or `cap sweep` as a SLURM job (submitit)"),
+    "sweep": ("cap.cli.sweep", "Ray Tune sweep of tau/alpha/beta (sweeps/*.yaml)"),
+    "pareto": ("cap.cli.pareto", "Pareto fronts and hypervolumes of runs tracked in MLflow"),
+    "submit": ("cap.cli.submit", "run `cap train` or `cap sweep` as a SLURM job (submitit)"),
 }
 
 

@@ -17,8 +17,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from cap.complexity import branch_cost, expected_cost, ones_values
-from cap.gates import Gate, gates_of
+from cap.core.complexity import branch_cost, expected_cost, ones_values
+from cap.core.gates import Gate, gates_of
 
 
 class ComplexityPenalty:

@@ -28,16 +28,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cap.arch import architecture
-from cap.bn import recalibrate_bn
-from cap.checkpoint import CheckpointError, StopRequest, load_latest, save_checkpoint
-from cap.config import Config, build_config, to_dict, with_legacy_values
+from cap.core.arch import architecture
+from cap.core.bn import recalibrate_bn
+from cap.core.pruner import Pruner
+from cap.core.sync import digest_tensors
 from cap.data import DataError, build_data
 from cap.data.bundle import derive_seed, loader_positions, restore_loader_positions
-from cap.distributed import DistContext, digest_tensors, init_distributed
-from cap.models import create_model
-from cap.pruner import Pruner
-from cap.report import write_outputs
+from cap.engine.checkpoint import CheckpointError, StopRequest, load_latest, save_checkpoint
+from cap.engine.config import Config, ConfigError, build_config, to_dict, with_legacy_values
+from cap.engine.distributed import DistContext, init_distributed
+from cap.engine.outputs import write_outputs
+from cap.models import ArchitectureError, build_from_architecture, create_model, load_architecture
 
 _DDP_HAS_FORWARD_SYNC = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -133,29 +134,17 @@ def model_kwargs(cfg: Config, data) -> dict:
 
 def model_from_arch_file(path: str, name: str, kwargs: dict) -> nn.Module:
     """A freshly initialised gated model with the structure stored in `path` (model.pt or arch.json)."""
-    import json
-
-    from cap.arch import build_from_architecture
-    from cap.config import ConfigError
-
-    file = Path(path)
     try:
-        if file.suffix == ".json":
-            spec = json.loads(file.read_text())
-        else:  # a run's model.pt: its deterministic structure (units and blocks with theta < 0.5 go too)
-            from cap.export import compact_architecture, load_run_model
-
-            trained, saved = load_run_model(file.parent)
-            spec = compact_architecture(trained, saved["name"], saved["kwargs"], None)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ConfigError(f"model.arch: cannot read an architecture from {file}: {exc}") from exc
+        spec = load_architecture(path)
+    except ArchitectureError as exc:
+        raise ConfigError(f"model.arch: {exc}") from exc
     if spec.get("name") != name or spec.get("kwargs") != kwargs:
-        raise ConfigError(f"model.arch: {file} describes {spec.get('name')} {spec.get('kwargs')}, but this run "
+        raise ConfigError(f"model.arch: {path} describes {spec.get('name')} {spec.get('kwargs')}, but this run "
                           f"builds {name} {kwargs} (model.name and the data must match)")
     try:
         return build_from_architecture({k: spec[k] for k in ("name", "kwargs", "blocks")})
     except (KeyError, ValueError) as exc:
-        raise ConfigError(f"model.arch: {file} is not a valid architecture: {exc}") from exc
+        raise ConfigError(f"model.arch: {path} is not a valid architecture: {exc}") from exc
 
 
 def rng_states() -> dict[str, Any]:

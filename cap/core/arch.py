@@ -1,18 +1,20 @@
-"""The surviving architecture as plain data, and the gated model rebuilt from it.
+"""The surviving architecture as plain data.
 
 `architecture(model)` gives a JSON-able spec (registry name, constructor arguments, per block:
-removed or its internal widths); `build_from_architecture(spec)` creates the dense model and
-applies the same removals, so a state_dict of the shrunken network loads without shape errors.
+removed or its internal widths); `removal_plan_for(model, spec)` is the plan that turns a dense model
+into that spec (cap.models.build_from_architecture applies it to a freshly created model, so a
+state_dict of the shrunken network loads without shape errors).
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from cap.models import create_model
-from cap.pruning import RemovalPlan
-from cap.surgery import apply_plan
+from cap.core.rules import RemovalPlan, deterministic_plan
+from cap.core.surgery import apply_plan
 
 
 def architecture(model: nn.Module, name: str, kwargs: dict) -> dict:
@@ -52,7 +54,13 @@ def removal_plan_for(model: nn.Module, spec: dict) -> RemovalPlan:
     return plan
 
 
-def build_from_architecture(spec: dict) -> nn.Module:
-    model = create_model(spec["name"], **spec["kwargs"])
-    apply_plan(model, removal_plan_for(model, spec))
-    return model
+def drop_switched_off(model: nn.Module) -> None:
+    """Physically remove what the deterministic network switches off, so that every gate left is all-ones."""
+    apply_plan(model, deterministic_plan(list(model.blocks())))
+
+
+def deterministic_architecture(model: nn.Module, name: str, kwargs: dict) -> dict:
+    """The architecture of `model`'s deterministic network (the model itself is left untouched)."""
+    shrunk = copy.deepcopy(model)
+    drop_switched_off(shrunk)
+    return architecture(shrunk, name, kwargs)

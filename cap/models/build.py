@@ -1,0 +1,68 @@
+"""Gated models rebuilt from a stored architecture: the one way training and export read structures.
+
+An architecture is the plain-data spec of cap.core.arch (`{"name", "kwargs", "blocks"}`). It comes from
+a run folder's model.pt (`{"arch": ..., "state_dict": ...}`) or from an export's arch.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cap.core.arch import deterministic_architecture, removal_plan_for
+from cap.core.gates import set_gate_mode
+from cap.core.surgery import apply_plan
+from cap.models.registry import create_model
+
+RUN_MODEL = "model.pt"
+"""a run folder's trained gated model: {"arch": architecture, "state_dict": weights + thetas}"""
+
+
+class ArchitectureError(ValueError):
+    """A stored architecture or trained model cannot be read or built; the message names the file."""
+
+
+def build_from_architecture(spec: dict) -> nn.Module:
+    """The dense registry model with the removals that give the architecture `spec`."""
+    model = create_model(spec["name"], **spec["kwargs"])
+    apply_plan(model, removal_plan_for(model, spec))
+    return model
+
+
+def load_trained(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained gated model of a run folder (weights_only: no module is unpickled), in deterministic mode,
+    and its stored architecture."""
+    path = Path(run_dir) / RUN_MODEL
+    if not path.is_file():
+        raise ArchitectureError(f"{path} does not exist: a finished run folder has it (cap train writes {RUN_MODEL} "
+                                "at the end)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_from_architecture(saved["arch"])
+        model.load_state_dict(saved["state_dict"])
+    except Exception as exc:
+        raise ArchitectureError(f"{path} cannot be loaded as a cap model: {exc}") from exc
+    model.eval()
+    set_gate_mode(model, "deterministic")
+    return model, saved["arch"]
+
+
+def load_architecture(path: str | Path) -> dict[str, Any]:
+    """The architecture in `path`: an arch.json as it is, or a run's model.pt as its deterministic structure
+    (units and blocks with theta < 0.5 go too)."""
+    file = Path(path)
+    try:
+        if file.suffix == ".json":
+            spec = json.loads(file.read_text())
+        else:
+            trained, saved = load_trained(file.parent)
+            spec = deterministic_architecture(trained, saved["name"], saved["kwargs"])
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ArchitectureError(f"cannot read an architecture from {file}: {exc}") from exc
+    if not isinstance(spec, dict) or not {"name", "kwargs", "blocks"} <= spec.keys():
+        raise ArchitectureError(f"{file} is not an architecture (it needs 'name', 'kwargs' and 'blocks')")
+    return spec

@@ -1,0 +1,20 @@
+"""Where a run is tracked (`tracking.*` in a run's config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    """log the run to MLflow (rank 0 only)"""
+    uri: str | None = None
+    """MLflow tracking URI; None: an embedded sqlite store, sqlite:///<working dir>/mlflow.db"""
+    experiment: str = "cap"
+    run_name: str | None = None
+    """MLflow run name (default: the run folder's name)"""
+    timeout: float = 10.0
+    """seconds a request to a tracking server may take before the run goes on without it"""
+    parent_run_id: str | None = None
+    """nest the run under this MLflow run (a sweep's parent run; `cap sweep` sets it for its trials)"""
