@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "load_compact":  # lazy: `import cap` stays cheap
-        from cap.deploy.compact import load_compact
+        from cap.deploy import load_compact
 
         return load_compact
     raise AttributeError(f"module 'cap' has no attribute {name!r}")

@@ -17,7 +17,7 @@ from cap.core.blocks import GatedBlock
 from cap.core.complexity import deterministic_values, expected_cost
 from cap.core.gates import Gate, set_gate_mode
 from cap.core.surgery import remove_block, remove_units
-from cap.deploy.compact import ExportError, compact_from_gated, count_macs_params, export, load_compact
+from cap.deploy import ExportError, compact_from_gated, count_macs_params, export, load_compact
 from cap.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,6 +10,8 @@ from cap.core.gates import Gate, gates_of
 from cap.core.pruner import Pruner
 from cap.core.rules import PruningMonitor
 from cap.engine.config import PruneConfig
+from cap.engine.loop import new_meter
+from cap.engine.state import migrate
 from cap.models import create_model
 
 
@@ -107,11 +109,12 @@ def test_pruner_locks_important_units_keeps_them_at_one_and_checkpoints_the_lock
     twin.load_state_dict(model.state_dict())
     twin_pruner.load_state_dict(saved)
     assert [g.locked.tolist() for g in gates_of(twin)] == [g.locked.tolist() for g in gates_of(model)]
-    # a checkpoint written before the keep rule existed has no lock table: loading it leaves nothing locked,
-    # even in a pruner that had locks
+    # a checkpoint written before the keep rule existed has no lock table: migrated and loaded, it leaves nothing
+    # locked, even in a pruner that had locks
     saved.pop("locked")
     saved["monitor"].pop("keep_streak")
-    twin_pruner.load_state_dict(saved)
+    legacy = {"format": 1, "world_size": 1, "meter": new_meter(), "config": {"prune": {}}, "pruner": saved}
+    twin_pruner.load_state_dict(migrate(legacy)["pruner"])
     assert not any(bool(g.locked.any()) for g in gates_of(twin))
 
 

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cap.engine.checkpoint import CheckpointError, StopRequest, load_latest, read_checkpoint, save_checkpoint
+from cap.engine.checkpoint import (
+    CHECKPOINT_DIR,
+    CheckpointError,
+    StopRequest,
+    load_latest,
+    read_checkpoint,
+    save_checkpoint,
+)
 from cap.engine.config import load_config
 from cap.engine.run import Preempted, resume, run
 from cap.models import build_from_architecture, create_model
@@ -127,7 +134,7 @@ def test_stop_after_surgery_and_resume_equals_uninterrupted(tmp_path_factory):
     with pytest.raises(Preempted):
         run(load_config("configs/smoke.yaml", OVERRIDES), out, log=stop_after_epoch_2)
     assert not (out / "model.pt").exists()
-    checkpoint = read_checkpoint(out / "checkpoints" / "last.pt")
+    checkpoint = read_checkpoint(out / CHECKPOINT_DIR / "last.pt")
     assert checkpoint["position"] == {**checkpoint["position"], "epoch": 2, "step_in_epoch": 0}
     arch = checkpoint["arch"]
     shrunk, dense = build_from_architecture(arch), create_model(arch["name"], **arch["kwargs"])
@@ -156,7 +163,7 @@ def test_sigterm_mid_epoch_then_cli_resume_equals_uninterrupted(tmp_path_factory
     rest = proc.communicate(timeout=300)[0]
     assert proc.returncode == 75, "".join(lines) + rest
     assert "stopped by SIGTERM in epoch 2 after step" in rest and "--resume" in rest
-    step = read_checkpoint(out / "checkpoints" / "last.pt")["position"]["step_in_epoch"]
+    step = read_checkpoint(out / CHECKPOINT_DIR / "last.pt")["position"]["step_in_epoch"]
     assert 0 < step < 47, f"expected a mid-epoch stop, got step {step}"
 
     done = subprocess.run([sys.executable, "-m", "cap", "train", "--resume", str(out)], cwd=ROOT,
@@ -168,7 +175,7 @@ def test_sigterm_mid_epoch_then_cli_resume_equals_uninterrupted(tmp_path_factory
 
 def test_resume_with_only_corrupt_checkpoints_fails_clearly_and_keeps_files(tmp_path):
     (tmp_path / "config.yaml").write_text((ROOT / "configs" / "smoke.yaml").read_text())
-    ckpt = tmp_path / "checkpoints"
+    ckpt = tmp_path / CHECKPOINT_DIR
     ckpt.mkdir()
     (ckpt / "last.pt").write_bytes(b"CAPCKPT1\n" + b"0" * 64 + b"\n" + b"garbage")
     before = (ckpt / "last.pt").read_bytes()
@@ -188,7 +195,7 @@ def test_resume_refuses_overrides(tmp_path):
 def test_resume_of_a_folder_without_checkpoints(tmp_path):
     done = subprocess.run([sys.executable, "-m", "cap", "train", "--resume", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "no checkpoints/ folder" in done.stderr
+    assert done.returncode == 2 and f"no {CHECKPOINT_DIR}/ folder" in done.stderr
 
 
 @pytest.mark.slow
@@ -208,11 +215,12 @@ def test_a_run_checkpointed_before_the_keep_rule_resumes_without_it(tmp_path):
     raw = yaml.safe_load((out / "config.yaml").read_text())
     del raw["prune"]["lock_kept"]
     (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    checkpoint = read_checkpoint(out / "checkpoints" / "last.pt")
+    checkpoint = read_checkpoint(out / CHECKPOINT_DIR / "last.pt")
+    checkpoint["format"] = 1  # what the code of that time wrote (cap.engine.state.migrate upgrades it)
     del checkpoint["config"]["prune"]["lock_kept"]
     checkpoint["pruner"].pop("locked")
     checkpoint["pruner"]["monitor"].pop("keep_streak")
-    save_checkpoint(checkpoint, out / "checkpoints")
+    save_checkpoint(checkpoint, out / CHECKPOINT_DIR)
     summary = resume(out, log=lambda _: None)
     assert summary["theta_locked"] == 0, "the old run must not switch to the keep rule half-way"
     assert summary["theta_undecided"] > 0  # without the rule thetas are still walking (this config never hardens)

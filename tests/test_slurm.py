@@ -25,10 +25,11 @@ from tests.test_tracking_training import EPOCH_METRICS, artifact_names
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "slurm" / "local-cluster.sh"
-# 2 ranks x 10 steps an epoch; units are removed from step 19 on (before the requeue in epoch 3), and the
-# deterministic network drops blocks by epoch 3
+# 2 ranks x 10 steps an epoch; with half an epoch of warm-up units are removed from step 19 on (before the
+# requeue in epoch 3), and the deterministic network drops blocks by epoch 3
 TRAIN = ["--config", str(ROOT / "configs" / "smoke.yaml"), "data.train_subset=1200", "data.test_subset=400",
          "train.epochs=4", "train.threads=1", "prune.check_every=5", "prune.tau=1.0", "prune.eta=0.05",
+         "prune.warmup_epochs=0.5",
          "train.progress=false", "tracking.experiment=cap-slurm"]
 LOCAL = yaml.safe_load((ROOT / "slurm" / "local.yaml").read_text())
 

@@ -152,7 +152,7 @@ def test_sweep_runs_are_nested_mlflow_runs_with_params_and_final_metrics(served_
     exp = client.get_experiment_by_name("sweep-test")
     state = json.loads((served_sweep["folder"] / "sweep.json").read_text())
     parent = client.get_run(state["parent_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.tags["cap.sweeps.tune"] == "tiny"
+    assert parent.info.status == "FINISHED" and parent.data.tags["cap.sweep"] == "tiny"
     assert parent.data.metrics["trials"] == 8 and parent.data.metrics["trials_failed"] == 4
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     done = [r for r in children if r.info.status == "FINISHED"]
@@ -283,7 +283,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("resume")
-    parents = client.search_runs([exp.experiment_id], "tags.`cap.sweeps.tune` = 'resume'")
+    parents = client.search_runs([exp.experiment_id], "tags.`cap.sweep` = 'resume'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # one parent run across both starts
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     counted = [r for r in children if r.info.status == "FINISHED" and r.data.tags.get("cap.superseded") != "true"]

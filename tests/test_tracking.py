@@ -21,8 +21,8 @@ from cap.tracking import (
     STATE_FILE,
     NullTracker,
     Tracker,
-    _http_settings,
     flatten,
+    http_settings,
     open_tracker,
     sync_pending,
 )
@@ -133,14 +133,14 @@ def test_http_settings_scoped_and_user_values_kept(monkeypatch):
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "33")  # the user's choice
-    with _http_settings(2.5):
+    with http_settings(2.5):
         assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
         assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "0"
         assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "33"
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "33"
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
-    with _http_settings(2.5):
+    with http_settings(2.5):
         assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3"  # mlflow parses it as an int
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
 

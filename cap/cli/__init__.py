@@ -4,7 +4,7 @@
     cap train --resume RUN_DIR                              continue a run from its newest good checkpoint
     cap sync RUN_DIR                                        send tracking records kept while a server was away
     cap export RUN_DIR [--format F] [--round-to K]          the compact model (plain layers) + arch.json
-    cap sweep SWEEP.yaml [--address A] [--resume]           Ray Tune over tau/alpha/beta (see sweeps/)
+    cap sweep SWEEP.yaml [--address A] [--storage DIR]      Ray Tune over tau/alpha/beta (see sweeps/)
     cap pareto --experiment NAME [--parent RUN_ID]          Pareto fronts of runs tracked in MLflow
     cap submit --cluster slurm/x.yaml [--wait] -- train|sweep ...   the same commands as SLURM jobs
 """
@@ -16,9 +16,7 @@ import sys
 from pathlib import Path
 
 from cap.engine.config import ConfigError, load_config
-
-EXIT_PREEMPTED = 75
-"""EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint; run again with --resume"""
+from cap.launch import EXIT_PREEMPTED
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -68,7 +66,7 @@ def _sync(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import json
 
-    from cap.deploy.compact import ExportError, export
+    from cap.deploy import ExportError, export
 
     out = Path(args.out) if args.out else Path(args.run_dir) / "export"
     try:

@@ -1,4 +1,4 @@
-"""`cap pareto --experiment NAME [--parent RUN_ID]`: Pareto fronts of tracked runs (see cap/pareto_report.py)."""
+"""`cap pareto --experiment NAME [--parent RUN_ID]`: Pareto fronts of tracked runs (see cap/sweeps/report.py)."""
 
 from __future__ import annotations
 

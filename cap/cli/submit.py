@@ -36,10 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_job(args: list[str], profile) -> tuple[Any, Path, str, str]:
+def _train_job(args: list[str]) -> tuple[Any, Path, str, str]:
     """(TrainJob, run folder, MLflow uri, experiment) from `cap train`'s own arguments."""
     from cap.cli import build_parser as cap_parser
-    from cap.engine.config import ConfigError, load_config, to_dict
+    from cap.engine.config import ConfigError, load_config, load_saved_config, to_dict
     from cap.launch.jobs import TrainJob
     from cap.tracking import resolve_uri
 
@@ -47,13 +47,12 @@ def _train_job(args: list[str], profile) -> tuple[Any, Path, str, str]:
     if ns.resume is not None:
         if ns.config or ns.out or ns.overrides:
             raise ConfigError("train --resume RUN_DIR takes no --config, --out or overrides")
-        import yaml
-
         run_dir = Path(ns.resume).resolve()
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
-        tracking = yaml.safe_load((run_dir / "config.yaml").read_text()).get("tracking", {})
-        return TrainJob(None, str(run_dir)), run_dir, resolve_uri(tracking.get("uri")), tracking.get("experiment")
+        # validated, and a legacy one completed, as `cap train --resume` will read it in the job
+        cfg = load_saved_config(run_dir / "config.yaml")
+        return TrainJob(None, str(run_dir)), run_dir, resolve_uri(cfg.tracking.uri), cfg.tracking.experiment
     cfg = load_config(ns.config, ns.overrides)  # a bad key or value fails here, before anything is queued
     # the default store (./mlflow.db) is resolved against the submit directory, not wherever a node runs
     cfg.tracking.uri = resolve_uri(cfg.tracking.uri)
@@ -64,17 +63,21 @@ def _train_job(args: list[str], profile) -> tuple[Any, Path, str, str]:
 
 
 def _sweep_job(args: list[str]):
+    """SweepJob from `cap sweep`'s own arguments (parsed here, so that a bad one fails before anything is queued)."""
+    from cap.cli.sweep import build_parser as sweep_parser
     from cap.engine.config import ConfigError
     from cap.launch.jobs import SweepJob
 
     if not args or args[0].startswith("-"):
         raise ConfigError("sweep needs a sweep spec: cap submit --cluster P -- sweep sweeps/x.yaml")
-    if "--address" in args or any(a.startswith("--address=") for a in args):
+    ns = sweep_parser().parse_args(args)
+    if ns.address is not None:
         raise ConfigError("sweep --address is set by the job (a Ray head inside the allocation); leave it out")
-    spec = Path(args[0]).resolve()
+    spec = Path(ns.spec).resolve()
     if not spec.is_file():
-        raise ConfigError(f"sweep spec {args[0]} does not exist")
-    return SweepJob([str(spec), *args[1:]])
+        raise ConfigError(f"sweep spec {ns.spec} does not exist")
+    # --storage, like the spec's own storage, is relative to the submit directory (where the job starts)
+    return SweepJob(str(spec), str(Path(ns.storage).resolve()) if ns.storage else None)
 
 
 def make_executor(profile, folder: Path, name: str, tasks_per_node: int, cpus_per_task: int):
@@ -128,11 +131,13 @@ def follow(job, poll_s: float = 3.0, out=sys.stdout) -> str:
 def _report(job, state: str, run_dir: Path | None) -> int:
     import json
 
+    from cap.launch.jobs import has_checkpoint
+
     try:
         job.results()  # raises the job's exception, or says why there is no result
     except Exception as exc:  # submitit's FailedJobError / UncompletedJobError carry the job's traceback
         print(f"job {job.job_id} {state}: {exc}", file=sys.stderr)
-        if run_dir is not None and any((run_dir / "checkpoints").glob("*.pt")):
+        if run_dir is not None and has_checkpoint(run_dir):
             print(f"it left a checkpoint; continue with: cap submit --cluster PROFILE -- train --resume {run_dir}",
                   file=sys.stderr)
         return 1
@@ -166,7 +171,7 @@ def main(argv: list[str]) -> int:
         profile = load_profile(args.cluster)
         run_dir = None
         if command[0] == "train":
-            job_fn, run_dir, uri, experiment = _train_job(command[1:], profile)
+            job_fn, run_dir, uri, experiment = _train_job(command[1:])
             tasks, cpus = profile.tasks_per_node, profile.cpus_per_task
             folder = Path(args.logs or run_dir / "slurm")
         else:  # one task per node; Ray shares the node's CPUs and GPUs among the trials

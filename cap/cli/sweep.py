@@ -1,4 +1,4 @@
-"""`cap sweep SWEEP.yaml [--address ADDR]`: run or resume a Ray Tune sweep (see cap/sweep.py, sweeps/)."""
+"""`cap sweep SWEEP.yaml [--address ADDR]`: run or resume a Ray Tune sweep (see cap/sweeps/tune.py, sweeps/)."""
 
 from __future__ import annotations
 
@@ -22,18 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pathlib import Path
-
     from cap.engine.config import ConfigError
     from cap.sweeps.spec import load_sweep
     from cap.sweeps.tune import SweepError, run_sweep
 
     args = build_parser().parse_args(argv)
     try:
-        spec = load_sweep(args.spec)
-        if args.storage:
-            spec.storage = Path(args.storage).resolve()
-        status, _ = run_sweep(spec, args.address)
+        status, _ = run_sweep(load_sweep(args.spec, args.storage), args.address)
     except (ConfigError, SweepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,8 +1,8 @@
 """The surviving architecture as plain data.
 
-`architecture(model)` gives a JSON-able spec (registry name, constructor arguments, per block:
-removed or its internal widths); `removal_plan_for(model, spec)` is the plan that turns a dense model
-into that spec (cap.models.build_from_architecture applies it to a freshly created model, so a
+`architecture(model)` gives a JSON-able architecture (registry name, constructor arguments, per block:
+removed or its internal widths); `removal_plan_for(model, arch)` is the plan that turns a dense model
+into that architecture (cap.models.build_from_architecture applies it to a freshly created model, so a
 state_dict of the shrunken network loads without shape errors).
 """
 
@@ -11,13 +11,13 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
 
+from cap.core.blocks import GatedNet
 from cap.core.rules import RemovalPlan, deterministic_plan
 from cap.core.surgery import apply_plan
 
 
-def architecture(model: nn.Module, name: str, kwargs: dict) -> dict:
+def architecture(model: GatedNet, name: str, kwargs: dict) -> dict:
     blocks = []
     for stage, index, block in model.block_slots():
         entry = {"stage": stage, "index": index, "removed": bool(block.is_removed)}
@@ -27,13 +27,13 @@ def architecture(model: nn.Module, name: str, kwargs: dict) -> dict:
     return {"name": name, "kwargs": dict(kwargs), "blocks": blocks}
 
 
-def removal_plan_for(model: nn.Module, spec: dict) -> RemovalPlan:
-    """The removals that turn the dense `model` into the architecture `spec` (validated against it)."""
+def removal_plan_for(model: GatedNet, arch: dict) -> RemovalPlan:
+    """The removals that turn the dense `model` into the architecture `arch` (validated against it)."""
     slots = list(model.block_slots())
-    if len(slots) != len(spec["blocks"]):
-        raise ValueError(f"architecture lists {len(spec['blocks'])} blocks, model '{spec['name']}' has {len(slots)}")
+    if len(slots) != len(arch["blocks"]):
+        raise ValueError(f"architecture lists {len(arch['blocks'])} blocks, model '{arch['name']}' has {len(slots)}")
     plan = RemovalPlan()
-    for (_, _, block), entry in zip(slots, spec["blocks"], strict=True):
+    for (_, _, block), entry in zip(slots, arch["blocks"], strict=True):
         if block.is_removed:  # a model built from a pruned architecture (model.arch) starts without it
             if not entry["removed"]:
                 raise ValueError(f"block {entry['stage']}.{entry['index']} is removed in the model but kept in "
@@ -54,12 +54,12 @@ def removal_plan_for(model: nn.Module, spec: dict) -> RemovalPlan:
     return plan
 
 
-def drop_switched_off(model: nn.Module) -> None:
+def drop_switched_off(model: GatedNet) -> None:
     """Physically remove what the deterministic network switches off, so that every gate left is all-ones."""
     apply_plan(model, deterministic_plan(list(model.blocks())))
 
 
-def deterministic_architecture(model: nn.Module, name: str, kwargs: dict) -> dict:
+def deterministic_architecture(model: GatedNet, name: str, kwargs: dict) -> dict:
     """The architecture of `model`'s deterministic network (the model itself is left untouched)."""
     shrunk = copy.deepcopy(model)
     drop_switched_off(shrunk)

@@ -5,9 +5,15 @@ stages; every stage but the last is followed by ReLU and a unit gate on its outp
 (the block's internal channels). The last stage writes the residual stream and is not unit-gated.
 A block gated off reduces to relu(shortcut(x)), so every block, downsampling ones included, can
 be removed.
+
+`GatedNet` is the contract between a network and the core (complexity, rules, surgery, pruner):
+any nn.Module that meets it can be pruned; cap.models.GatedResNet is the one cap ships.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -126,3 +132,27 @@ class RemovedBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.shortcut(x))
+
+
+@runtime_checkable
+class GatedNet(Protocol):
+    """What the core needs of a network, beyond being an nn.Module.
+
+    - Its residual blocks sit in fixed slots (stage, index); a slot holds a `GatedBlock` while the block lives
+      and a `RemovedBlock` once surgery removed it (`is_removed` tells which).
+    - Every nn.Conv2d carries `out_hw`, its output height * width, set once by a forward pass at construction
+      (GatedResNet.record_spatial_sizes): the complexity counter multiplies by it.
+    - Everything outside the blocks' branches (stem, shortcuts, classifier) is ungated and counted as fixed cost.
+    """
+
+    def blocks(self) -> Iterator[GatedBlock]:
+        """The live blocks, in forward order."""
+        ...
+
+    def block_slots(self) -> Iterator[tuple[int, int, nn.Module]]:
+        """(stage, index, GatedBlock or RemovedBlock) for every slot, removed ones included."""
+        ...
+
+    def replace_block(self, block: GatedBlock, new: nn.Module) -> None:
+        """Put `new` in the slot that holds `block` (surgery's block removal)."""
+        ...

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from cap.core.blocks import GatedNet
 from cap.core.gates import Gate
 
 ThetaOf = Callable[[Gate], Tensor]
@@ -79,7 +80,7 @@ def _module_cost(module: nn.Module) -> tuple[float, float]:
     return 0.0, 0.0
 
 
-def static_cost(model: nn.Module) -> Complexity:
+def static_cost(model: GatedNet) -> Complexity:
     """Everything not inside a live gated branch: stem, classifier, shortcuts."""
     in_branches = {id(m) for block in model.blocks() for conv, bn, _ in block.stages() for m in (conv, bn)}
     macs = params = 0.0
@@ -90,7 +91,7 @@ def static_cost(model: nn.Module) -> Complexity:
     return Complexity(torch.tensor(float(macs), dtype=torch.float64), torch.tensor(float(params), dtype=torch.float64))
 
 
-def expected_cost(model: nn.Module, theta_of: ThetaOf = theta_values) -> Complexity:
+def expected_cost(model: GatedNet, theta_of: ThetaOf = theta_values) -> Complexity:
     """MACs and params of `model` with every gate replaced by `theta_of(gate)` (differentiable)."""
     total = static_cost(model)
     macs, params = total.macs, total.params

@@ -21,6 +21,9 @@ from torch import Tensor, nn
 
 GateMode = Literal["dense", "sample", "deterministic"]
 
+KEEP_THETA = 0.5
+"""the deterministic network keeps a structure when theta >= KEEP_THETA: xi = 1[theta >= 0.5]"""
+
 
 class Gate(nn.Module):
     """Bernoulli gates over `size` structures of one kind ("unit" or "layer")."""
@@ -50,7 +53,7 @@ class Gate(nn.Module):
 
     def keep_mask(self) -> Tensor:
         """The deterministic network's choice: xi = 1[theta >= 0.5]."""
-        return self.theta >= 0.5
+        return self.theta >= KEEP_THETA
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "dense" or not self.active:
@@ -59,19 +62,21 @@ class Gate(nn.Module):
             return x * self._broadcast(self.keep_mask().to(x.dtype), x)
         # Sampling from the clamped probability keeps both outcomes observable at theta in {0, 1},
         # so the reweighted estimator below stays exact there (no pull-down of kept gates).
-        p_on = self.theta.clamp(self.explore, 1.0 - self.explore).masked_fill(self.locked, 1.0)
+        # x: (B, C, H, W) for a unit gate (C = size), or a branch output (B, C, H, W) for a layer gate (size 1)
+        p_on = self.theta.clamp(self.explore, 1.0 - self.explore).masked_fill(self.locked, 1.0)  # (size,)
         rank, world = self.shard
         rows = x.shape[0] if self.per_example else 1
         draws = torch.bernoulli(p_on.expand(rows * world if self.per_example else 1, self.size),
-                                generator=self.generator)
+                                generator=self.generator)  # (B * world, size) per example, else (1, size)
         if self.per_example and world > 1:
-            draws = draws[rank * rows:(rank + 1) * rows]
+            draws = draws[rank * rows:(rank + 1) * rows]  # (B, size): this rank's slice of the global batch
         # xi stays float32 under autocast so that dL/dxi, the estimator's input, keeps full precision
         xi = draws.requires_grad_(True)
         self.xi, self.p_on = xi, p_on
         return x * self._broadcast(xi, x).to(x.dtype)
 
     def _broadcast(self, xi: Tensor, x: Tensor) -> Tensor:
+        """xi (rows, size) or (size,) -> (rows, C, 1, 1) for x (B, C, H, W): C = size for units, 1 for a block."""
         rows = xi.shape[0] if xi.dim() == 2 else 1
         channels = self.size if self.kind == "unit" else 1
         return xi.reshape(rows, channels, *([1] * (x.dim() - 2)))

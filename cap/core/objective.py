@@ -15,8 +15,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from cap.core.blocks import GatedNet
 from cap.core.complexity import branch_cost, expected_cost, ones_values
 from cap.core.gates import Gate, gates_of
 
@@ -24,7 +25,7 @@ from cap.core.gates import Gate, gates_of
 class ComplexityPenalty:
     """R(theta) and the weighted per-gate costs w_kind * gamma_s."""
 
-    def __init__(self, model: nn.Module, tau: float, alpha: float, beta: float,
+    def __init__(self, model: GatedNet, tau: float, alpha: float, beta: float,
                  layer_cost: Literal["static", "dynamic"] = "static") -> None:
         self.model, self.tau, self.alpha = model, tau, alpha
         self.weight = {"layer": 2.0 * beta, "unit": 2.0 * (1.0 - beta)}

@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from cap.core.arch import removal_plan_for
+from cap.core.blocks import GatedNet
 from cap.core.complexity import deterministic_values, expected_cost, ones_values
 from cap.core.config import PruneConfig
-from cap.core.gates import Gate, gates_of, set_gate_mode
+from cap.core.gates import KEEP_THETA, Gate, gates_of, set_gate_mode
 from cap.core.objective import ComplexityPenalty, ThetaSGD
 from cap.core.rules import PruningMonitor, RemovalPlan, deterministic_plan, plan_removals
-from cap.core.surgery import remove_block, remove_units
+from cap.core.surgery import apply_plan
 from cap.core.sync import RankSync, digest_tensors
 
 
@@ -53,7 +54,7 @@ class Pruner:
     Under data parallelism pass `sync`: theta gradients are averaged over ranks before every theta
     step, and every pruning decision is checked to be identical on all ranks before surgery."""
 
-    def __init__(self, model: nn.Module, cfg: PruneConfig, steps_per_epoch: int, epochs: int,
+    def __init__(self, model: GatedNet, cfg: PruneConfig, steps_per_epoch: int, epochs: int,
                  optimizer: torch.optim.Optimizer | None = None, sync: RankSync | None = None,
                  seed: int = 0) -> None:
         self.model, self.cfg, self.optimizer, self.sync = model, cfg, optimizer, sync
@@ -152,32 +153,29 @@ class Pruner:
     # ------------------------------------------------------------------ surgery
     def apply(self, plan: RemovalPlan, record: bool = True) -> list[PruneEvent]:
         """Carry out `plan` (units first, then blocks); `record=False` replays removals without events."""
-        events = []
-        for block, gate, keep in plan.units:
-            removed = gate.size - len(keep)
-            remove_units(block, gate, keep, self.optimizer)
-            if self.enabled:
+        step = self.state.step
+        events = [PruneEvent(step, "units", self.names[id(block)], f"-{gate.size - len(keep)} units, {len(keep)} left")
+                  for block, gate, keep in plan.units]
+        events += [PruneEvent(step, "block", self.names[id(block)], reason) for block, reason in plan.blocks]
+        if self.enabled:
+            for _, gate, keep in plan.units:
                 self.monitor.keep_only(gate, keep)
                 self.theta_sgd.keep_only(gate, keep)
-            events.append(PruneEvent(self.state.step, "units", self.names[id(block)],
-                                     f"-{removed} units, {gate.size} left"))
-        for block, reason in plan.blocks:
-            if self.enabled:
-                self.monitor.forget([block.layer_gate, *block.unit_gates()])
-                self.theta_sgd.forget([block.layer_gate, *block.unit_gates()])
-            removed = remove_block(self.model, block, self.optimizer)
+            gone = [g for block, _ in plan.blocks for g in (block.layer_gate, *block.unit_gates())]
+            self.monitor.forget(gone)
+            self.theta_sgd.forget(gone)
+        for block, removed in apply_plan(self.model, plan, self.optimizer):
             self.names[id(removed)] = self.names[id(block)]
             self.units_of[id(removed)] = self.units_of[id(block)]
-            events.append(PruneEvent(self.state.step, "block", self.names[id(block)], reason))
         if not record:
             return []
         self.state.events.extend(events)
         return events
 
-    def shrink_to(self, spec: dict) -> None:
-        """Replay the removals that made the architecture `spec` (cap.core.arch) on this pruner's dense model:
+    def shrink_to(self, arch: dict) -> None:
+        """Replay the removals that made the architecture `arch` (cap.core.arch) on this pruner's dense model:
         used by resume, so costs, names and step sizes stay those of the dense start."""
-        self.apply(removal_plan_for(self.model, spec), record=False)
+        self.apply(removal_plan_for(self.model, arch), record=False)
 
     # ------------------------------------------------------------------ per epoch
     def structure(self) -> tuple:
@@ -259,13 +257,12 @@ class Pruner:
             m.count = {by_name[n]: c for n, c in saved["monitor"]["count"].items()}
             m.streak = {by_name[n]: t.to(by_name[n].theta.device) for n, t in saved["monitor"]["streak"].items()}
             self.theta_sgd.mean_sq = {by_name[n]: t.to(by_name[n].theta.device)
-                                      for n, t in saved.get("theta_mean_sq", {}).items()}
-            # checkpoints from before the keep rule have neither table: nothing locked, no streaks
+                                      for n, t in saved["theta_mean_sq"].items()}
             m.keep_streak = {by_name[n]: t.to(by_name[n].theta.device)
-                             for n, t in saved["monitor"].get("keep_streak", {}).items()}
+                             for n, t in saved["monitor"]["keep_streak"].items()}
             for gate in by_name.values():  # the checkpoint alone decides what is locked
                 gate.locked = torch.zeros_like(gate.theta, dtype=torch.bool)
-            for n, t in saved.get("locked", {}).items():
+            for n, t in saved["locked"].items():
                 by_name[n].locked = t.to(by_name[n].theta.device)
         if self.state.hardened:
             for gate in gates_of(self.model):
@@ -302,7 +299,7 @@ class Pruner:
             units = torch.cat([g.theta for g in block.unit_gates()])
             out[self.names[id(block)]] = {"layer": float(block.layer_gate.theta[0]),
                                           "units_mean": float(units.mean()),
-                                          "units_kept_frac": float((units >= 0.5).float().mean())}
+                                          "units_kept_frac": float((units >= KEEP_THETA).float().mean())}
         return out
 
     def stats(self) -> dict:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from cap.core.blocks import GatedBlock
-from cap.core.gates import Gate
+from cap.core.gates import KEEP_THETA, Gate
 
 
 @dataclass
@@ -36,10 +36,6 @@ class RemovalPlan:
 
     def __bool__(self) -> bool:
         return bool(self.blocks or self.units)
-
-
-LOCK_THETA = 0.5
-"""the keep rule locks only what the deterministic network (xi = 1[theta >= 0.5]) keeps"""
 
 
 class PruningMonitor:
@@ -65,7 +61,8 @@ class PruningMonitor:
             importance = -total / self.count[gate]
             inside = (gate.theta <= self.theta_min) & (importance < (1 - self.margin) * gammas[gate])
             remove[gate] = self._count(self.streak, gate, inside)
-            on = (gate.theta >= LOCK_THETA) & (importance > (1 + self.margin) * gammas[gate])
+            # the keep rule locks only what the deterministic network keeps
+            on = (gate.theta >= KEEP_THETA) & (importance > (1 + self.margin) * gammas[gate])
             lock[gate] = self._count(self.keep_streak, gate, on & ~gate.locked)
         self.grad_sum.clear()
         self.count.clear()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cap.core.blocks import GatedBlock, RemovedBlock
+from cap.core.blocks import GatedBlock, GatedNet, RemovedBlock
 from cap.core.gates import Gate
 from cap.core.rules import RemovalPlan
 
@@ -67,7 +67,7 @@ def remove_units(block: GatedBlock, gate: Gate, keep: Tensor, optimizer=None) ->
     gate.locked = gate.locked[keep].clone()
 
 
-def remove_block(model: nn.Module, block: GatedBlock, optimizer=None) -> RemovedBlock:
+def remove_block(model: GatedNet, block: GatedBlock, optimizer=None) -> RemovedBlock:
     """Replace `block` by its shortcut; its branch parameters leave the optimiser."""
     if optimizer is not None:
         shortcut_params = {id(p) for p in block.shortcut.parameters()}
@@ -81,9 +81,8 @@ def remove_block(model: nn.Module, block: GatedBlock, optimizer=None) -> Removed
     return removed
 
 
-def apply_plan(model: nn.Module, plan: RemovalPlan, optimizer=None) -> None:
-    """Carry out `plan`: units first, then whole blocks."""
+def apply_plan(model: GatedNet, plan: RemovalPlan, optimizer=None) -> list[tuple[GatedBlock, RemovedBlock]]:
+    """Carry out `plan`: units first, then whole blocks; returns each removed block with what replaced it."""
     for block, gate, keep in plan.units:
         remove_units(block, gate, keep, optimizer)
-    for block, _ in plan.blocks:
-        remove_block(model, block, optimizer)
+    return [(block, remove_block(model, block, optimizer)) for block, _ in plan.blocks]

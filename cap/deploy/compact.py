@@ -4,9 +4,9 @@
 theta < 0.5, blocks whose layer theta < 0.5; nothing when the run hardened) and rebuilds the net from
 standard modules: stem, then per block position either `PlainBlock` (relu(shortcut(x) + branch(x)),
 branch = conv-BN-ReLU-...-conv-BN) or `ShortcutBlock` (relu(shortcut(x)) where the block was removed),
-mean pooling, linear. No gate code is left. `export(...)` writes arch.json (the surviving structure) with
-the weights as a state_dict, TorchScript or ONNX; `load_compact(dir)` rebuilds the module from arch.json
-and loads the state_dict with weights_only=True (no module is unpickled).
+mean pooling, linear. No gate code is left. cap.deploy.export writes arch.json (the surviving structure)
+with the weights as a state_dict, TorchScript or ONNX; `load_compact(dir)` rebuilds the module from
+arch.json and loads the state_dict with weights_only=True (no module is unpickled).
 
 `round_to=k` pads every kept internal width up to a multiple of k (tensor-core friendly shapes) with
 zero channels whose BN scale and shift are 0: the outputs are unchanged (no accuracy cost), MACs and
@@ -30,7 +30,6 @@ from cap.core.gates import gates_of, set_gate_mode
 from cap.models import ArchitectureError, build_from_architecture, load_trained
 
 FORMAT = "cap-compact-1"
-FORMATS = ("state_dict", "torchscript", "onnx")
 
 
 class ExportError(ValueError):
@@ -115,11 +114,11 @@ def compact_from_gated(model: nn.Module, round_to: int | None = None) -> Compact
 
 def compact_architecture(model: nn.Module, name: str, kwargs: dict, round_to: int | None) -> dict[str, Any]:
     """arch.json: the structure of the deterministic network after the same removals (and padding)."""
-    spec = deterministic_architecture(model, name, kwargs)
-    for entry in spec["blocks"]:
+    arch = deterministic_architecture(model, name, kwargs)
+    for entry in arch["blocks"]:
         if round_to and not entry["removed"]:
             entry["widths"] = [w + (-w % round_to) for w in entry["widths"]]
-    return {"format": FORMAT, "round_to": round_to, **spec}
+    return {"format": FORMAT, "round_to": round_to, **arch}
 
 
 def _gated_skeleton(arch: dict[str, Any]) -> nn.Module:
@@ -157,34 +156,6 @@ def load_run_model(run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
         return load_trained(run_dir)
     except ArchitectureError as exc:
         raise ExportError(f"{exc} (export needs a finished run folder)") from exc
-
-
-def export(run_dir: str | Path, out_dir: str | Path, fmt: str = "state_dict", round_to: int | None = None) -> Path:
-    """Write out_dir/arch.json plus model.pt (state_dict), model.ts (TorchScript) or model.onnx."""
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if round_to is not None and round_to < 1:
-        raise ExportError(f"--round-to must be >= 1, got {round_to}")
-    model, spec = load_run_model(Path(run_dir))
-    compact = compact_from_gated(model, round_to)
-    arch = compact_architecture(model, spec["name"], spec["kwargs"], round_to)
-    size, channels = spec["kwargs"]["input_size"], spec["kwargs"]["in_channels"]
-    arch["macs"], arch["params"] = count_macs_params(compact, size, channels)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "arch.json").write_text(json.dumps(arch, indent=2))
-    example = torch.zeros(1, channels, size, size)
-    torch.save(compact.state_dict(), out / "model.pt")  # the weights always travel with arch.json
-    load_compact(out)  # what was written must load back (e.g. a width rounded past the dense width fails here)
-    if fmt == "torchscript":
-        torch.jit.save(torch.jit.trace(compact, example), out / "model.ts")
-        return out / "model.ts"
-    if fmt == "onnx":
-        torch.onnx.export(compact, (example,), str(out / "model.onnx"), input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                          dynamo=False)
-        return out / "model.onnx"
-    return out / "model.pt"
 
 
 def load_compact(path: str | Path) -> CompactResNet:

@@ -21,6 +21,8 @@ import torch
 
 MAGIC = b"CAPCKPT1\n"
 LAST, PREV = "last.pt", "prev.pt"
+CHECKPOINT_DIR = "checkpoints"
+"""the folder of a run folder that holds LAST and PREV"""
 
 
 class CheckpointError(RuntimeError):

@@ -93,42 +93,73 @@ def _type_name(tp: Any) -> str:
             type(None): "null"}.get(tp, str(tp))
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp`; return it (ints become floats where floats are asked)."""
+_UNFIT = object()
+"""what a coercer below returns for a value that does not fit its type"""
+
+
+def _literal(key: str, value: Any, tp: Any) -> Any:
+    options = typing.get_args(tp)
+    if value in options and not isinstance(value, bool):
+        return value
+    # YAML reads a bare off/on as false/true; accept them where "off"/"on" is an option
+    if isinstance(value, bool) and (word := "on" if value else "off") in options:
+        return word
+    return _UNFIT
+
+
+def _union(key: str, value: Any, tp: Any) -> Any:
+    for arg in typing.get_args(tp):
+        try:
+            return _coerce(key, value, arg)
+        except ConfigError:
+            continue
+    return _UNFIT
+
+
+def _list(key: str, value: Any, tp: Any) -> Any:
+    if not isinstance(value, list):
+        return _UNFIT
+    return [_coerce(f"{key}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value)]
+
+
+def _float(key: str, value: Any, tp: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 as a string
+        return float(value)
+    return _UNFIT
+
+
+def _exactly(kind: type) -> Any:
+    """A coercer that takes values of `kind` as they are (no bool for int: bool is an int in Python)."""
+    def coerce(key: str, value: Any, tp: Any) -> Any:
+        fits = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        return value if fits else _UNFIT
+    return coerce
+
+
+_COERCERS: dict[Any, Any] = {"literal": _literal, "union": _union, "list": _list, float: _float,
+                             type(None): _exactly(type(None)), bool: _exactly(bool), int: _exactly(int),
+                             str: _exactly(str)}
+
+
+def _kind(tp: Any) -> Any:
+    """The key of `tp` in _COERCERS."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        if value in typing.get_args(tp) and not isinstance(value, bool):
-            return value
-        # YAML reads a bare off/on as false/true; accept them where "off"/"on" is an option
-        if isinstance(value, bool) and (word := "on" if value else "off") in typing.get_args(tp):
-            return word
-    elif isinstance(tp, types.UnionType) or origin is typing.Union:
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                continue
-    elif origin is list:
-        if isinstance(value, list):
-            return [_coerce(f"{key}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value)]
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 as a string
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+        return "literal"
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        return "union"
+    return "list" if origin is list else tp
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints become floats where floats are asked)."""
+    coercer = _COERCERS.get(_kind(tp))
+    out = _UNFIT if coercer is None else coercer(key, value, tp)
+    if out is _UNFIT:
+        raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+    return out
 
 
 def _merge(obj: Any, data: dict, prefix: str) -> None:
@@ -222,17 +253,18 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None) -
     return cfg
 
 
+def _read_yaml(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' does not exist")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {exc}") from exc
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
-    return build_config(data, overrides)
+    """Defaults, then the YAML file at `path` (if any), then `key=value` overrides; validated."""
+    return build_config(_read_yaml(Path(path), "config file") if path is not None else {}, overrides)
 
 
 LEGACY_VALUES: dict[str, dict[str, Any]] = {"prune": {"lock_kept": False}}
@@ -255,18 +287,11 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def load_saved_config(path: str | Path) -> Config:
+    """A run folder's config.yaml (or any saved configuration file), with the LEGACY_VALUES it lacks, validated."""
+    return build_config(with_legacy_values(_read_yaml(Path(path), "saved configuration")))
+
+
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "PruneConfig", "TrackingConfig", "TrainConfig",
            "build_config", "load_config", "load_saved_config", "nest", "parse_override", "to_dict",
            "with_legacy_values"]
-
-
-def load_saved_config(path: str | Path) -> Config:
-    """A run folder's config.yaml (or any saved configuration file), with the LEGACY_VALUES it lacks, validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist: a run folder keeps its configuration there")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    return build_config(with_legacy_values(data))

@@ -4,10 +4,12 @@
 without it (a plain `cap train`) it returns a single-process context whose collectives are no-ops,
 so the trainer has one code path. The context also serves the pruner as its `sync`: theta
 gradients averaged over ranks, and a check that every rank reached the same pruning decision.
+`wrap_model` puts a model into DistributedDataParallel where there is more than one process.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,7 +17,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+_DDP_HAS_FORWARD_SYNC = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
 
 
 class RankMismatchError(RuntimeError):
@@ -106,3 +111,15 @@ def init_distributed(device_kind: str, timeout_minutes: float = 30.0) -> DistCon
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend)
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+    """The module a training step calls: `model` itself on one process, else DistributedDataParallel over its
+    current parameters (build it again after surgery replaced some of them)."""
+    if not ctx.enabled:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    # thetas are buffers kept equal by the pruner itself; BN statistics are re-estimated before use,
+    # so no buffer needs broadcasting each forward (torch >= 2.14 renamed the switch)
+    no_sync = {"forward_sync_buffers": False} if _DDP_HAS_FORWARD_SYNC else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=ids, **no_sync)

@@ -25,12 +25,14 @@ from typing import Any
 
 import submitit
 
-EXIT_PREEMPTED = 75  # as `cap train`: stopped after writing a checkpoint
+from cap.launch import EXIT_PREEMPTED
+
 RESUME_SIGNAL = "SIGUSR2"  # submitit's preemption/time-limit signal (SLURM --signal=USR2@delay)
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
-    from cap.engine.run import CHECKPOINT_DIR
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether the run folder holds a checkpoint to continue from (a started TrainJob resumes it)."""
+    from cap.engine.checkpoint import CHECKPOINT_DIR
 
     return any((run_dir / CHECKPOINT_DIR).glob("*.pt"))
 
@@ -67,7 +69,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))
         run_dir = Path(self.run_dir)
         try:
-            if self.config is None or _has_checkpoint(run_dir):
+            if self.config is None or has_checkpoint(run_dir):
                 return resume(run_dir)
             return run(build_config(self.config), run_dir)
         except Preempted as exc:
@@ -102,20 +104,19 @@ def ray_start_command(head: str, port: int, resources: dict[str, int], is_head: 
 
 
 class SweepJob(submitit.helpers.Checkpointable):
-    """`cap sweep SPEC` on the job's allocation: one task per node. On one node Ray starts inside `cap sweep`
-    with the node's allocated CPUs; on several, task 0 starts a Ray head, the others join it, and task 0 runs
-    the sweep against it. A requeued SweepJob runs the same command again, which restores the sweep."""
+    """`cap sweep SPEC [--storage DIR]` on the job's allocation: one task per node. On one node Ray starts inside
+    run_sweep with the node's allocated CPUs; on several, task 0 starts a Ray head, the others join it, and task 0
+    runs the sweep against it. A requeued SweepJob runs the same sweep again, which restores it."""
 
-    def __init__(self, args: list[str]) -> None:
-        self.args = args
+    def __init__(self, spec: str, storage: str | None = None) -> None:
+        self.spec = spec
+        self.storage = storage
 
     def __call__(self) -> int:
-        from cap.cli import sweep as sweep_cli
-
         env = submitit.JobEnvironment()
         resources = _node_resources()
-        if env.num_nodes == 1:  # cap sweep starts Ray itself, sized by SLURM_CPUS_ON_NODE (the allocation)
-            return self._check(sweep_cli.main(list(self.args)))
+        if env.num_nodes == 1:  # run_sweep starts Ray itself, sized by SLURM_CPUS_ON_NODE (the allocation)
+            return self._sweep(None)
         head = env.hostnames[0]
         port = random.Random(f"ray-{env.job_id}").randint(20000, 60000)  # same on every task, differs per job
         if env.global_rank != 0:
@@ -127,13 +128,22 @@ class SweepJob(submitit.helpers.Checkpointable):
         ray_head = subprocess.Popen(ray_start_command(head, port, resources, is_head=True))
         try:
             _wait_for_port(head, port, 300)
-            return self._check(sweep_cli.main([*self.args, "--address", f"{head}:{port}"]))
+            return self._sweep(f"{head}:{port}")
         finally:
             ray_head.terminate()
             ray_head.wait(timeout=120)
 
-    @staticmethod
-    def _check(code: int) -> int:
-        if code != 0:
-            raise RuntimeError(f"cap sweep exited with status {code}")
-        return code
+    def _sweep(self, address: str | None) -> int:
+        """As `cap sweep`: a bad sweep file or store is status 2; any status but 0 fails the job."""
+        from cap.engine.config import ConfigError
+        from cap.sweeps.spec import load_sweep
+        from cap.sweeps.tune import SweepError, run_sweep
+
+        try:
+            status, _ = run_sweep(load_sweep(self.spec, self.storage), address)
+        except (ConfigError, SweepError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 2
+        if status != 0:
+            raise RuntimeError(f"cap sweep exited with status {status}")
+        return status

@@ -1,6 +1,6 @@
 """Gated models rebuilt from a stored architecture: the one way training and export read structures.
 
-An architecture is the plain-data spec of cap.core.arch (`{"name", "kwargs", "blocks"}`). It comes from
+An architecture is the plain data of cap.core.arch (`{"name", "kwargs", "blocks"}`). It comes from
 a run folder's model.pt (`{"arch": ..., "state_dict": ...}`) or from an export's arch.json.
 """
 
@@ -26,10 +26,10 @@ class ArchitectureError(ValueError):
     """A stored architecture or trained model cannot be read or built; the message names the file."""
 
 
-def build_from_architecture(spec: dict) -> nn.Module:
-    """The dense registry model with the removals that give the architecture `spec`."""
-    model = create_model(spec["name"], **spec["kwargs"])
-    apply_plan(model, removal_plan_for(model, spec))
+def build_from_architecture(arch: dict) -> nn.Module:
+    """The dense registry model with the removals that give the architecture `arch`."""
+    model = create_model(arch["name"], **arch["kwargs"])
+    apply_plan(model, removal_plan_for(model, arch))
     return model
 
 
@@ -57,12 +57,12 @@ def load_architecture(path: str | Path) -> dict[str, Any]:
     file = Path(path)
     try:
         if file.suffix == ".json":
-            spec = json.loads(file.read_text())
+            arch = json.loads(file.read_text())
         else:
             trained, saved = load_trained(file.parent)
-            spec = deterministic_architecture(trained, saved["name"], saved["kwargs"])
+            arch = deterministic_architecture(trained, saved["name"], saved["kwargs"])
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ArchitectureError(f"cannot read an architecture from {file}: {exc}") from exc
-    if not isinstance(spec, dict) or not {"name", "kwargs", "blocks"} <= spec.keys():
+    if not isinstance(arch, dict) or not {"name", "kwargs", "blocks"} <= arch.keys():
         raise ArchitectureError(f"{file} is not an architecture (it needs 'name', 'kwargs' and 'blocks')")
-    return spec
+    return arch

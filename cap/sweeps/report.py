@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cap.sweeps import SUPERSEDED_TAG, SWEEP_TAG
 from cap.sweeps.pareto import hypervolume_2d, hypervolume_3d, non_dominated
-from cap.tracking import resolve_uri
+from cap.tracking import Store, resolve_uri
 
 Log = Callable[[str], Any]
 
@@ -63,29 +64,24 @@ def _float(value: str | None) -> float | None:
         return None
 
 
-def fetch_runs(client: Any, experiment: str, parent: str | None = None) -> list[RunPoint]:
+def fetch_runs(store: Store, experiment: str, parent: str | None = None) -> list[RunPoint]:
     """Finished training runs with final metrics (sweep parents and superseded attempts left out)."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise ParetoError(f"MLflow experiment '{experiment}' does not exist at {client.tracking_uri}")
+    experiment_id = store.find_experiment(experiment)
+    if experiment_id is None:
+        raise ParetoError(f"MLflow experiment '{experiment}' does not exist at {store.uri}")
     query = "attributes.status = 'FINISHED'"
     if parent:
         query += f" and tags.mlflow.parentRunId = '{parent}'"
-    points, token = [], None
-    while True:
-        page = client.search_runs([exp.experiment_id], filter_string=query, max_results=1000, page_token=token)
-        for run in page:
-            m, p, tags = run.data.metrics, run.data.params, run.data.tags
-            if "cap.sweeps.tune" in tags or tags.get("cap.superseded") == "true":
-                continue
-            if not all(k in m for k in ("final_test_acc", "mac_reduction", "param_reduction")):
-                continue
-            trade_offs = (_float(p.get(f"prune.{k}")) for k in ("tau", "alpha", "beta"))
-            points.append(RunPoint(run.info.run_id, run.info.run_name or run.info.run_id, *trade_offs,
-                                   m["final_test_acc"], m["mac_reduction"], m["param_reduction"]))
-        token = page.token
-        if not token:
-            break
+    points = []
+    for run in store.search_runs(experiment_id, query):
+        m, p, tags = run.data.metrics, run.data.params, run.data.tags
+        if SWEEP_TAG in tags or tags.get(SUPERSEDED_TAG) == "true":
+            continue
+        if not all(k in m for k in ("final_test_acc", "mac_reduction", "param_reduction")):
+            continue
+        trade_offs = (_float(p.get(f"prune.{k}")) for k in ("tau", "alpha", "beta"))
+        points.append(RunPoint(run.info.run_id, run.info.run_name or run.info.run_id, *trade_offs,
+                               m["final_test_acc"], m["mac_reduction"], m["param_reduction"]))
     return sorted(points, key=lambda r: r.run_id)
 
 
@@ -169,22 +165,17 @@ def plot_html(points: list[RunPoint], members: dict[str, set[int]], path: Path, 
     fig.write_html(path, include_plotlyjs=True)  # self-contained: opens without network access
 
 
-def tag_runs(client: Any, points: list[RunPoint], members: dict[str, set[int]]) -> None:
-    from mlflow.entities import RunTag
-
+def tag_runs(store: Store, points: list[RunPoint], members: dict[str, set[int]]) -> None:
     for i, p in enumerate(points):
-        client.log_batch(p.run_id, tags=[RunTag(TAG_OF_FRONT[name], str(i in members[name]).lower())
-                                         for name in FRONTS])
+        store.set_tags(p.run_id, {TAG_OF_FRONT[name]: str(i in members[name]).lower() for name in FRONTS})
 
 
 def pareto_report(uri: str | None, experiment: str, parent: str | None, out_dir: Path,
                   log: Log = print) -> dict[str, Any]:
     """Read the runs, write the files, tag the runs, log the files and hypervolumes on `parent`."""
-    from mlflow import MlflowClient
-
     uri = resolve_uri(uri)
-    client = MlflowClient(uri)
-    points = fetch_runs(client, experiment, parent)
+    store = Store(uri)
+    points = fetch_runs(store, experiment, parent)
     if not points:
         raise ParetoError(f"no finished runs with final_test_acc/mac_reduction/param_reduction in experiment "
                           f"'{experiment}'" + (f" under parent run {parent}" if parent else "") + f" at {uri}")
@@ -199,12 +190,11 @@ def pareto_report(uri: str | None, experiment: str, parent: str | None, out_dir:
                "hypervolume": volumes, "reference_point": "origin (accuracy 0, reductions 0)",
                "front_runs": sorted(points[i].run_id for i in members["acc_mac_param"])}
     (out_dir / "pareto.json").write_text(json.dumps(summary, indent=2))
-    tag_runs(client, points, members)
+    tag_runs(store, points, members)
     if parent:
         for name in ("pareto.csv", "pareto.png", "pareto.html", "pareto.json"):
-            client.log_artifact(parent, str(out_dir / name), "pareto")
-        for name, value in volumes.items():
-            client.log_metric(parent, f"hypervolume_{name}", value)
+            store.log_artifact(parent, out_dir / name, "pareto")
+        store.log_metrics(parent, {f"hypervolume_{name}": value for name, value in volumes.items()})
     log(f"{len(points)} runs; fronts: " + ", ".join(f"{name} {len(members[name])} runs (hypervolume "
                                                    f"{volumes[name]:.4f})" for name in FRONTS))
     for i in sorted(members["acc_mac_param"], key=lambda i: -points[i].test_acc):

@@ -33,7 +33,8 @@ from typing import Any
 
 import yaml
 
-from cap.engine.config import Config, ConfigError, build_config, load_config, parse_override, to_dict
+from cap.engine.config import Config, ConfigError, build_config, load_config, nest, parse_override, to_dict
+from cap.tracking import flatten
 
 RANGE_KINDS = ("uniform", "loguniform")
 LIST_KINDS = ("grid", "choice")
@@ -83,6 +84,8 @@ class SweepSpec:
     base_config: Path | None
     base_overrides: list[str]
     space: list[Dimension]
+    base: dict
+    """the base experiment: base_config with base_overrides, validated, as a config mapping (loaded once)"""
     search: str = "random"
     num_samples: int = 1
     cpus_per_trial: float = 1.0
@@ -100,20 +103,10 @@ class SweepSpec:
         """Ray's experiment folder; the trials' cap run folders live in its runs/ subfolder."""
         return self.storage / self.name
 
-    def base(self) -> Config:
-        return load_config(self.base_config, self.base_overrides)
-
 
 def with_values(data: dict, values: dict[str, Any]) -> Config:
     """A config from a config mapping with dotted keys set to values (no YAML round trip: floats stay exact)."""
-    data = copy.deepcopy(data)
-    for key, value in values.items():
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return build_config(data)
+    return build_config(nest({**flatten(copy.deepcopy(data)), **values}))
 
 
 def _fail(spec_path: Path, key: str, message: str) -> SweepSpecError:
@@ -151,11 +144,10 @@ def _dimension(spec_path: Path, key: str, raw: Any) -> Dimension:
 
 def _check_values(spec: SweepSpec) -> None:
     """Every value a dimension can take must make a valid config on its own (names the key if not)."""
-    base = to_dict(spec.base())
     for dim in spec.space:
         for value in dim.values:
             try:
-                with_values(base, {dim.key: value})
+                with_values(spec.base, {dim.key: value})
             except ConfigError as exc:
                 raise _fail(spec.path, f"space.{dim.key}", f"value {value!r} is not valid: {exc}") from exc
 
@@ -171,9 +163,8 @@ def _mapping(spec_path: Path, key: str, raw: Any, allowed: set[str]) -> dict:
     return raw
 
 
-def load_sweep(path: str | Path) -> SweepSpec:
-    """Read and fully validate a sweep file."""
-    path = Path(path)
+def _read(path: Path) -> dict:
+    """The sweep file's top-level mapping, its keys checked."""
     if not path.is_file():
         raise SweepSpecError(f"sweep file '{path}' does not exist")
     try:
@@ -188,67 +179,99 @@ def load_sweep(path: str | Path) -> SweepSpec:
     for required in ("name", "space"):
         if required not in raw:
             raise _fail(path, required, "missing (required)")
-    name = raw["name"]
+    return raw
+
+
+def _name(path: Path, name: Any) -> str:
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise _fail(path, "name", f"got {name!r}, expected a non-empty folder-safe name")
+    return name
 
-    base = _mapping(path, "base", raw.get("base"), {"config", "overrides"})
+
+def _base(path: Path, raw: Any) -> tuple[Path | None, list[str]]:
+    """base: (the config file, resolved from the sweep file's folder; the overrides, each parsed once to check it)."""
+    base = _mapping(path, "base", raw, {"config", "overrides"})
     base_config = (path.parent / base["config"]).resolve() if base.get("config") else None
     overrides = base.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise _fail(path, "base.overrides", f"expected a list of key=value strings, got {overrides!r}")
     for text in overrides:
         parse_override(text)
+    return base_config, list(overrides)
 
-    space_raw = raw["space"]
-    if not isinstance(space_raw, dict) or not space_raw:
+
+def _space(path: Path, raw: Any, search: Any) -> tuple[list[Dimension], str]:
+    """space and search: the dimensions, and a search that can take them."""
+    if not isinstance(raw, dict) or not raw:
         raise _fail(path, "space", "expected a non-empty mapping of config keys to dimensions")
-    space = [_dimension(path, key, value) for key, value in space_raw.items()]
-
-    search = raw.get("search", "random")
+    space = [_dimension(path, key, value) for key, value in raw.items()]
     if search not in SEARCHES:
         raise _fail(path, "search", f"got {search!r}, allowed: {', '.join(SEARCHES)}")
     if search == "grid" and (ranged := [d.key for d in space if d.kind != "grid"]):
         raise _fail(path, f"space.{ranged[0]}", "search: grid takes only {grid: [...]} dimensions")
     if search == "optuna" and (grids := [d.key for d in space if d.kind == "grid"]):
         raise _fail(path, f"space.{grids[0]}", "search: optuna samples its points; use choice instead of grid")
+    return space, search
 
+
+def _scheduler(path: Path, raw: Any) -> Scheduler | None:
+    if raw is None:
+        return None
+    scheduler = Scheduler(**_mapping(path, "scheduler", raw, {"type", "metric", "grace_period", "reduction_factor"}))
+    if scheduler.type not in SCHEDULER_TYPES:
+        raise _fail(path, "scheduler.type", f"got {scheduler.type!r}, allowed: {', '.join(SCHEDULER_TYPES)}")
+    return scheduler
+
+
+def _count(path: Path, key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(path, key, f"got {value!r}, expected an integer >= {minimum}")
+    return value
+
+
+def _trials(path: Path, raw: dict, resources: dict) -> dict[str, Any]:
+    """How many trials run, on what, how often retried: SweepSpec's fields, checked in the file's order."""
+    max_concurrent = raw.get("max_concurrent")
+    fields = {
+        "num_samples": _count(path, "num_samples", raw.get("num_samples", 1), 1),
+        "cpus_per_trial": _number(path, "resources.cpus", resources.get("cpus", 1)),
+        "gpus_per_trial": _number(path, "resources.gpus", resources.get("gpus", 0)),
+        "max_concurrent": None if max_concurrent is None else _count(path, "max_concurrent", max_concurrent, 1),
+        "max_failures": _count(path, "max_failures", raw.get("max_failures", 1), 0),
+        "storage": Path(raw.get("storage") or "sweeps_out").resolve(),
+        "seed": _count(path, "seed", raw.get("seed", 0), 0),
+    }
+    if fields["cpus_per_trial"] <= 0 or fields["gpus_per_trial"] < 0:
+        raise _fail(path, "resources", f"need cpus > 0 and gpus >= 0, got cpus={fields['cpus_per_trial']:g} "
+                                       f"gpus={fields['gpus_per_trial']:g}")
+    return fields
+
+
+def _base_experiment(path: Path, base_config: Path | None, overrides: list[str]) -> dict:
+    """The base experiment, loaded and validated (the one load of its YAML)."""
+    if base_config is not None and not base_config.is_file():
+        raise _fail(path, "base.config", f"'{base_config}' does not exist (relative paths are taken from the "
+                                         "sweep file's folder)")
+    return to_dict(load_config(base_config, overrides))
+
+
+def load_sweep(path: str | Path, storage: str | Path | None = None) -> SweepSpec:
+    """Read and fully validate a sweep file; `storage` replaces its storage folder (`cap sweep --storage`)."""
+    path = Path(path)
+    raw = _read(path)
+    name = _name(path, raw["name"])
+    base_config, overrides = _base(path, raw.get("base"))
+    space, search = _space(path, raw["space"], raw.get("search", "random"))
     resources = _mapping(path, "resources", raw.get("resources"), {"cpus", "gpus"})
     tracking = _mapping(path, "tracking", raw.get("tracking"), {"uri", "experiment"})
-    sched_raw = raw.get("scheduler")
-    scheduler = None
-    if sched_raw is not None:
-        sched = _mapping(path, "scheduler", sched_raw, {"type", "metric", "grace_period", "reduction_factor"})
-        scheduler = Scheduler(**sched)
-        if scheduler.type not in SCHEDULER_TYPES:
-            raise _fail(path, "scheduler.type", f"got {scheduler.type!r}, allowed: {', '.join(SCHEDULER_TYPES)}")
-
-    def count(key: str, value: Any, minimum: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise _fail(path, key, f"got {value!r}, expected an integer >= {minimum}")
-        return value
-
-    max_concurrent = raw.get("max_concurrent")
-    spec = SweepSpec(
-        name=name, path=path, base_config=base_config, base_overrides=list(overrides), space=space, search=search,
-        num_samples=count("num_samples", raw.get("num_samples", 1), 1),
-        cpus_per_trial=_number(path, "resources.cpus", resources.get("cpus", 1)),
-        gpus_per_trial=_number(path, "resources.gpus", resources.get("gpus", 0)),
-        max_concurrent=None if max_concurrent is None else count("max_concurrent", max_concurrent, 1),
-        max_failures=count("max_failures", raw.get("max_failures", 1), 0),
-        scheduler=scheduler,
-        storage=Path(raw.get("storage") or "sweeps_out").resolve(),
-        tracking_uri=tracking.get("uri"), experiment=tracking.get("experiment", "cap-sweeps"),
-        seed=count("seed", raw.get("seed", 0), 0),
-    )
-    if spec.cpus_per_trial <= 0 or spec.gpus_per_trial < 0:
-        raise _fail(path, "resources", f"need cpus > 0 and gpus >= 0, got cpus={spec.cpus_per_trial:g} "
-                                       f"gpus={spec.gpus_per_trial:g}")
+    scheduler = _scheduler(path, raw.get("scheduler"))
+    trials = _trials(path, raw, resources)
     if scheduler is not None and scheduler.metric not in ("test_acc", "test_loss", "train_loss"):
         raise _fail(path, "scheduler.metric", f"got {scheduler.metric!r}, allowed: test_acc, test_loss, train_loss")
-    if spec.base_config is not None and not spec.base_config.is_file():
-        raise _fail(path, "base.config", f"'{spec.base_config}' does not exist (relative paths are taken from the "
-                                         "sweep file's folder)")
-    spec.base()  # the base experiment itself must be valid
+    spec = SweepSpec(name=name, path=path, base_config=base_config, base_overrides=overrides, space=space,
+                     base=_base_experiment(path, base_config, overrides), search=search, scheduler=scheduler,
+                     tracking_uri=tracking.get("uri"), experiment=tracking.get("experiment", "cap-sweeps"), **trials)
     _check_values(spec)
+    if storage is not None:
+        spec.storage = Path(storage).resolve()
     return spec

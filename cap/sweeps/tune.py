@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cap.engine.config import to_dict
+from cap.sweeps import SUPERSEDED_TAG, SWEEP_TAG
 from cap.sweeps.spec import OBJECTIVES, SweepSpec
-from cap.tracking import ensure_experiment, resolve_uri
+from cap.tracking import Store, recorded_run_id, resolve_uri, retire_state, run_state
 
 Log = Callable[[str], Any]
-STATE_FILE = "sweep.json"
+SWEEP_FILE = "sweep.json"
 RESULTS = "sweep_results"
 EXIT_INTERRUPTED = 130
 
@@ -64,18 +64,16 @@ def _metrics(record: dict) -> dict[str, Any]:
 
 def _supersede(run_dir: Path, uri: str) -> None:
     """A retry that starts over: end the earlier attempt's MLflow run, so only one run counts per trial."""
-    state_file = run_dir / "tracking.json"
-    if not state_file.exists():
+    state = run_state(run_dir)
+    if state is None:
         return
-    run_id = json.loads(state_file.read_text()).get("run_id")
+    run_id = state.get("run_id")
     if run_id:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(uri)
-        client.set_tag(run_id, "cap.superseded", "true")
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, "KILLED")
-    state_file.rename(run_dir / f"tracking.superseded-{int(time.time())}.json")
+        store = Store(uri)
+        store.set_tags(run_id, {SUPERSEDED_TAG: "true"})
+        if store.run_info(run_id).status == "RUNNING":
+            store.terminate(run_id, "KILLED")
+    retire_state(run_dir, f"superseded-{int(time.time())}")
 
 
 def run_trial(values: dict[str, Any], context: TrialContext) -> None:
@@ -135,40 +133,30 @@ def _fingerprint(spec: SweepSpec) -> str:
     """What must not change between a sweep and its resumption: the space and the base experiment."""
     space = [(d.key, d.kind, d.values) for d in spec.space]
     text = json.dumps({"space": space, "search": spec.search, "num_samples": spec.num_samples,
-                       "base": to_dict(spec.base())}, sort_keys=True, default=str)
+                       "base": spec.base}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _parent_run(spec: SweepSpec, uri: str, state: dict | None, log: Log) -> str:
+def _parent_run(spec: SweepSpec, store: Store, state: dict | None, log: Log) -> str:
     """The sweep's MLflow parent run: created on the first start, reused when the sweep resumes."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
     try:
         if state and state.get("parent_run_id"):
-            run = client.get_run(state["parent_run_id"])
-            if run.info.status != "RUNNING":
-                client.update_run(state["parent_run_id"], status="RUNNING")
+            if store.run_info(state["parent_run_id"]).status != "RUNNING":
+                store.reopen(state["parent_run_id"])
             return state["parent_run_id"]
-        experiment_id = ensure_experiment(client, spec.experiment, uri)
-        run = client.create_run(experiment_id, run_name=spec.name,
-                                tags={"cap.sweeps.tune": spec.name, "cap.sweeps.spec": str(spec.path.resolve()),
-                                      "cap.sweep_dir": str(spec.experiment_dir)})
+        _, run_id = store.create_run(spec.experiment, spec.name,
+                                     tags={SWEEP_TAG: spec.name, "cap.sweep_spec": str(spec.path.resolve()),
+                                           "cap.sweep_dir": str(spec.experiment_dir)})
     except Exception as exc:  # noqa: BLE001 - any store failure: say which store and stop before any trial
-        raise SweepError(f"MLflow tracking store {uri} is not usable for the sweep's parent run: {exc}") from exc
-    params = {"search": spec.search, "num_samples": spec.num_samples, "max_failures": spec.max_failures,
-              "cpus_per_trial": spec.cpus_per_trial, "gpus_per_trial": spec.gpus_per_trial,
-              "base_config": str(spec.base_config), "base_overrides": " ".join(spec.base_overrides),
-              **{f"space.{d.key}": f"{d.kind} {d.values}" for d in spec.space}}
-    client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
-    log(f"MLflow parent run {run.info.run_id} in experiment '{spec.experiment}' at {uri}")
-    return run.info.run_id
-
-
-def _param(key: str, value: Any):
-    from mlflow.entities import Param
-
-    return Param(key, str(value)[:6000])
+        raise SweepError(f"MLflow tracking store {store.uri} is not usable for the sweep's parent run: "
+                         f"{exc}") from exc
+    store.log_params(run_id, {
+        "search": spec.search, "num_samples": spec.num_samples, "max_failures": spec.max_failures,
+        "cpus_per_trial": spec.cpus_per_trial, "gpus_per_trial": spec.gpus_per_trial,
+        "base_config": str(spec.base_config), "base_overrides": " ".join(spec.base_overrides),
+        **{f"space.{d.key}": f"{d.kind} {d.values}" for d in spec.space}})
+    log(f"MLflow parent run {run_id} in experiment '{spec.experiment}' at {store.uri}")
+    return run_id
 
 
 def _tuner(spec: SweepSpec, context: TrialContext, restore: bool):
@@ -193,7 +181,7 @@ def _tuner(spec: SweepSpec, context: TrialContext, restore: bool):
 
         s = spec.scheduler
         scheduler = ASHAScheduler(time_attr="epoch", metric=s.metric, mode="max" if s.metric == "test_acc" else "min",
-                                  max_t=context.base["train"]["epochs"], grace_period=s.grace_period,
+                                  max_t=spec.base["train"]["epochs"], grace_period=s.grace_period,
                                   reduction_factor=s.reduction_factor)
     return tune.Tuner(
         trainable, param_space={d.key: d.ray() for d in spec.space},
@@ -257,29 +245,25 @@ def _write_results(rows: list[dict[str, Any]], folder: Path) -> Path:
     return path
 
 
-def _close_stopped_runs(rows: list[dict[str, Any]], uri: str) -> None:
+def _close_stopped_runs(rows: list[dict[str, Any]], store: Store) -> None:
     """Trials the scheduler stopped early were killed by Ray mid-run: end their MLflow runs as KILLED."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
     for row in rows:
-        state_file = Path(row["run_dir"]) / "tracking.json"
-        if row["status"] == "finished" or not state_file.exists():
+        if row["status"] == "finished":
             continue
-        run_id = json.loads(state_file.read_text()).get("run_id")
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "cap.stopped", row["status"])
-            client.set_terminated(run_id, "KILLED" if row["status"] == "stopped" else "FAILED")
+        run_id = recorded_run_id(Path(row["run_dir"]))
+        if run_id and store.run_info(run_id).status == "RUNNING":
+            store.set_tags(run_id, {"cap.stopped": row["status"]})
+            store.terminate(run_id, "KILLED" if row["status"] == "stopped" else "FAILED")
 
 
 def run_sweep(spec: SweepSpec, address: str | None = None, log: Log = print) -> tuple[int, list[dict[str, Any]]]:
     """Run (or resume) the sweep; returns (exit status, one row per trial). 0: all trials finished."""
-    from mlflow import MlflowClient
     from ray import tune
 
     uri = resolve_uri(spec.tracking_uri)
+    store = Store(uri)
     folder = spec.experiment_dir
-    state_file = folder / STATE_FILE
+    state_file = folder / SWEEP_FILE
     state = json.loads(state_file.read_text()) if state_file.exists() else None
     restore = tune.Tuner.can_restore(str(folder))
     fingerprint = _fingerprint(spec)
@@ -287,10 +271,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None, log: Log = print) -> 
         raise SweepError(f"{folder} holds a sweep started from a different space or base experiment than "
                          f"{spec.path}; give the sweep a new name, or move that folder away")
     if restore and state is None:
-        raise SweepError(f"{folder} holds Ray state but no {STATE_FILE}; it is not a cap sweep folder")
+        raise SweepError(f"{folder} holds Ray state but no {SWEEP_FILE}; it is not a cap sweep folder")
     if state and state.get("tracking_uri") != uri:
         raise SweepError(f"{folder} logs to {state.get('tracking_uri')}, not {uri}; resume it with that store")
-    parent = _parent_run(spec, uri, state, log)
+    parent = _parent_run(spec, store, state, log)
     folder.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri, "experiment": spec.experiment,
                                       "fingerprint": fingerprint, "spec": str(spec.path.resolve())}, indent=2))
@@ -298,7 +282,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, log: Log = print) -> 
         log(f"resuming the sweep in {folder}: finished trials are kept")
 
     _init_ray(address, spec, log)
-    context = TrialContext(base=to_dict(spec.base()), runs_dir=str(folder / "runs"), cwd=os.getcwd(),
+    context = TrialContext(base=spec.base, runs_dir=str(folder / "runs"), cwd=os.getcwd(),
                            tracking_uri=uri, experiment=spec.experiment, parent_run_id=parent,
                            sweep_name=spec.name, threads=max(1, int(spec.cpus_per_trial)))
     import ray
@@ -309,18 +293,16 @@ def run_sweep(spec: SweepSpec, address: str | None = None, log: Log = print) -> 
         ray.shutdown()
     rows, incomplete = _trial_rows(spec)
     results = _write_results(rows, folder)
-    client = MlflowClient(uri)
     if incomplete > 0:  # interrupted: Ray saved its state; the parent run stays open for the resumption
         log(f"sweep interrupted with {incomplete} trial(s) unfinished; run the same command again to resume")
         return EXIT_INTERRUPTED, rows
-    _close_stopped_runs(rows, uri)
+    _close_stopped_runs(rows, store)
 
     failed = [r for r in rows if r["status"] == "error"]
     finished = [r for r in rows if r["status"] == "finished"]
-    client.log_artifact(parent, str(results))
-    client.log_artifact(parent, str(folder / f"{RESULTS}.json"))
-    for key, value in (("trials", len(rows)), ("trials_finished", len(finished)), ("trials_failed", len(failed))):
-        client.log_metric(parent, key, value)
+    store.log_artifact(parent, results)
+    store.log_artifact(parent, folder / f"{RESULTS}.json")
+    store.log_metrics(parent, {"trials": len(rows), "trials_finished": len(finished), "trials_failed": len(failed)})
     if finished:
         from cap.sweeps.report import ParetoError, pareto_report
 
@@ -332,6 +314,6 @@ def run_sweep(spec: SweepSpec, address: str | None = None, log: Log = print) -> 
     for row in failed:
         log(f"trial {row['trial_id']} failed after {row['attempts']} attempt(s): {row['error']} "
             f"(log: {row['run_dir']}/train.log)")
-    client.set_terminated(parent, "FINISHED" if finished else "FAILED")
+    store.terminate(parent, "FINISHED" if finished else "FAILED")
     log(f"{len(finished)}/{len(rows)} trials finished, {len(failed)} failed; results: {results}")
     return (1 if failed else 0), rows

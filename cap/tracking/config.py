@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cap.tracking.store import DEFAULT_TIMEOUT
+
 
 @dataclass
 class TrackingConfig:
@@ -14,7 +16,7 @@ class TrackingConfig:
     experiment: str = "cap"
     run_name: str | None = None
     """MLflow run name (default: the run folder's name)"""
-    timeout: float = 10.0
+    timeout: float = DEFAULT_TIMEOUT
     """seconds a request to a tracking server may take before the run goes on without it"""
     parent_run_id: str | None = None
     """nest the run under this MLflow run (a sweep's parent run; `cap sweep` sets it for its trials)"""

@@ -4,8 +4,9 @@ Recipe (the standard Torch-Pruning one, on cap's model, data, optimiser and epoc
   1. cfg from a YAML + `key=value` overrides exactly like `cap train`; data from cap.data.build_data; the
      model from cap.models.create_model with every gate in mode "dense", i.e. a plain ResNet.
   2. Train dense with cap's SGD recipe (nesterov, momentum, weight decay) on the global schedule of
-     cap.trainer.make_scheduler over ALL epochs (total steps = steps_per_epoch * epochs), with the trainer's
-     step (train_one_epoch below, cap's step without gates), for round(prune_at * epochs) epochs.
+     cap.engine.loop.make_scheduler over ALL epochs (total steps = steps_per_epoch * epochs), with the
+     engine's own epoch (cap.engine.loop.train_one_epoch without a pruner: cap's step without gates), for
+     round(prune_at * epochs) epochs.
   3. Prune once: tp.pruner.MetaPruner (MagnitudePruner is the same class in 1.6.1) with
      tp.importance.GroupMagnitudeImportance(p=1) (group L1), global_pruning=False, one uniform
      pruning_ratio found by bisection so that the MACs land as close as they can to
@@ -17,7 +18,7 @@ Recipe (the standard Torch-Pruning one, on cap's model, data, optimiser and epoc
 What Torch-Pruning 1.6.1 can and cannot trace on cap's CIFAR ResNets:
   * cap's Gate modules are the identity in mode "dense" (they return their input), so they leave no
     autograd node and TP never sees them. TP does not resize their `theta` buffers; this script does
-    (to the pruned channel counts), so cap.complexity.expected_cost stays valid for the pruned net.
+    (to the pruned channel counts), so cap.core.complexity.expected_cost stays valid for the pruned net.
   * The option-A shortcut (subsample, then F.pad on the channel dimension) is NOT understood: TP treats
     ConstantPadNdBackward as an element-wise op, chains the residual streams of all three stages (16, 32
     and 64 channels) into ONE 64-index group, and `pruner.step()` fails with "IndexError: index 32 is out
@@ -34,10 +35,10 @@ What Torch-Pruning 1.6.1 can and cannot trace on cap's CIFAR ResNets:
     cap does not prune). It never removes whole blocks (Torch-Pruning prunes width only).
 
 MACs: dense and final MACs are counted with torch.utils.flop_counter.FlopCounterMode (FLOPs / 2) on one
-image, independently of cap's counter; cap.complexity.expected_cost is reported beside them as a check
+image, independently of cap's counter; cap.core.complexity.expected_cost is reported beside them as a check
 (`macs_final_cap`). Conv and linear layers only, as in cap (the shortcut gather costs no MACs).
 
-peak_memory_mb is cap.trainer.peak_memory_mb: resource.getrusage ru_maxrss / 1024 on CPU (a process-lifetime
+peak_memory_mb is cap.engine.run.peak_memory_mb: resource.getrusage ru_maxrss / 1024 on CPU (a process-lifetime
 peak: a run called in-process after other work inherits that work's peak), torch's allocator peak on CUDA.
 
     python tools/peers/torch_pruning_baseline.py --config configs/fmnist_resnet20.yaml \\
@@ -50,6 +51,7 @@ import argparse
 import copy
 import importlib.metadata
 import json
+import math
 import sys
 import time
 import warnings
@@ -62,21 +64,15 @@ import torch_pruning as tp
 import yaml
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm import tqdm
 
 from cap.core.blocks import OptionAShortcut
 from cap.core.complexity import count_params, expected_cost
 from cap.core.gates import set_gate_mode
 from cap.data import build_data
 from cap.engine.config import Config, ConfigError, load_config, to_dict
-from cap.engine.run import (
-    evaluate,
-    make_scheduler,
-    model_kwargs,
-    peak_memory_mb,
-    pick_device,
-    seed_everything,
-)
+from cap.engine.loop import averages, evaluate, make_scheduler, new_meter, train_one_epoch
+from cap.engine.run import peak_memory_mb, pick_device
+from cap.engine.state import model_kwargs, seed_everything
 from cap.models import create_model
 
 METHOD = "torch-pruning"
@@ -249,37 +245,31 @@ def internal_units(model: nn.Module) -> int:
     return sum(conv.out_channels for b in model.blocks() for conv, _, gate in b.stages() if gate is not None)
 
 
-def train_one_epoch(model: nn.Module, optimizer, scheduler, loader, device, steps: int, desc: str,
-                    progress: bool) -> dict:
-    """Plain training, the same steps as cap.trainer.Training.train_step without gates (SGD step, then the
-    per-step schedule, loss and accuracy read each step)."""
-    model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    for step, (images, labels) in enumerate(tqdm(loader, total=steps, desc=desc, leave=False, disable=not progress,
-                                                 file=sys.stderr)):
-        if step >= steps:
-            break
-        images, labels = images.to(device), labels.to(device)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total_loss += loss.item() * len(labels)
-        correct += int((logits.argmax(1) == labels).sum())
-        seen += len(labels)
-    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
+def train_epoch(model: nn.Module, optimizer, scheduler, loader, device, steps: int, desc: str,
+                progress: bool) -> dict:
+    """Plain training: the engine's epoch (cap.engine.loop.train_one_epoch) without a pruner, AMP, clipping
+    or DDP, i.e. SGD step, then the per-step schedule, loss and accuracy read each step."""
+    meter = new_meter()
+    train_one_epoch(model, optimizer, scheduler, loader, device, steps=steps, meter=meter, desc=desc,
+                    progress=progress)
+    result = averages(meter)
+    if meter["nonfinite_steps"]:  # the engine averages finite losses only; a diverged baseline must show
+        result["train_loss"] = math.nan
+    return result
+
+
+def check_arguments(target_mac_ratio: float, prune_at: float) -> None:
+    if not 0 < target_mac_ratio <= 1:
+        raise PeerError(f"target_mac_ratio must be in (0, 1], got {target_mac_ratio}")
+    if not 0 <= prune_at <= 1:
+        raise PeerError(f"prune_at must be in [0, 1], got {prune_at}")
 
 
 def run_torch_pruning(cfg: Config, target_mac_ratio: float, prune_at: float, out_dir: str | Path | None = None,
                       log: Callable[[str], None] = print) -> dict:
     """Train, prune once with Torch-Pruning at round(prune_at * epochs) epochs, fine-tune; return the summary
     (also written to out_dir/summary.json with config.yaml and history.json when out_dir is given)."""
-    if not 0 < target_mac_ratio <= 1:
-        raise PeerError(f"target_mac_ratio must be in (0, 1], got {target_mac_ratio}")
-    if not 0 <= prune_at <= 1:
-        raise PeerError(f"prune_at must be in [0, 1], got {prune_at}")
+    check_arguments(target_mac_ratio, prune_at)
     data = build_data(cfg.data, cfg.seed)
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -349,8 +339,8 @@ def run_torch_pruning(cfg: Config, target_mac_ratio: float, prune_at: float, out
     extra = prune_now(0) if prune_epoch == 0 else 0.0
     for epoch in range(t.epochs):
         start = time.perf_counter()
-        result = train_one_epoch(model, optimizer, scheduler, data.train, device, steps,
-                                 f"epoch {epoch + 1}/{t.epochs}", t.progress)
+        result = train_epoch(model, optimizer, scheduler, data.train, device, steps, f"epoch {epoch + 1}/{t.epochs}",
+                             t.progress)
         pruned_now = epoch + 1 == prune_epoch and prune_epoch > 0
         if pruned_now:
             extra += prune_now((epoch + 1) * steps)
