@@ -14,6 +14,11 @@ class PruneConfig:
     """1 = only MACs count, 0 = only parameters count"""
     beta: float = 0.5
     """layer vs unit pruning: 1 prunes depth first, 0 width first, 0.5 neutral"""
+    target_macs: float | None = None
+    """budget target: the final network's MACs as a fraction of the dense network's, in (0, 1]; tau then
+    becomes the starting value of a multiplier adjusted during the search (docs/method.md, "Budget targets")"""
+    target_params: float | None = None
+    """budget target for the parameter count, as target_macs; either one, or both"""
     units: bool = True
     """unit (filter) gates on; False gives layer-only pruning"""
     layers: bool = True

@@ -37,12 +37,13 @@ class ComplexityPenalty:
         }
         # gamma at initialisation (all thetas 1), unweighted: sets each gate's step size
         self.gamma0 = {g: float(v.mean()) for g, v in self._raw_gammas().items()}
+        self.multiplier = 1.0  # tau_now / tau: moved by a budget target (cap.core.budget), else 1
 
     def _normalise(self, cost) -> Tensor:
         return self.tau * (self.alpha * cost.macs / self.F0 + (1 - self.alpha) * cost.params / self.P0)
 
     def value(self) -> Tensor:
-        return self._normalise(expected_cost(self.model))
+        return self.multiplier * self._normalise(expected_cost(self.model))
 
     def _raw_gammas(self) -> dict[Gate, Tensor]:
         gates = [g for g in gates_of(self.model) if g.active]
@@ -59,8 +60,8 @@ class ComplexityPenalty:
         return out
 
     def gammas(self) -> dict[Gate, Tensor]:
-        """w_kind(s) * gamma_s for every active gate."""
-        return {g: self.weight[g.kind] * v for g, v in self._raw_gammas().items()}
+        """w_kind(s) * gamma_s for every active gate, at the current multiplier."""
+        return {g: self.multiplier * self.weight[g.kind] * v for g, v in self._raw_gammas().items()}
 
 
 class ThetaSGD:

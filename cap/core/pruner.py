@@ -19,6 +19,7 @@ from torch import Tensor
 
 from cap.core.arch import removal_plan_for
 from cap.core.blocks import GatedNet
+from cap.core.budget import BUDGET_TOLERANCE, Budget, check_reachable, fit_budget, goal_fraction, next_multiplier
 from cap.core.complexity import deterministic_values, expected_cost, ones_values
 from cap.core.config import PruneConfig
 from cap.core.gates import KEEP_THETA, Gate, gates_of, set_gate_mode
@@ -45,6 +46,8 @@ class PrunerState:
     locked_at_harden: int | None = None
     stable_epochs: int = 0
     last_structure: tuple | None = None
+    multiplier: float = 1.0  # tau_now / tau: a budget target moves it at pruning checks
+    budget_switched: int | None = None  # structures fit_budget switched at hardening
     events: list[PruneEvent] = field(default_factory=list)
 
 
@@ -80,6 +83,10 @@ class Pruner:
         self.units_of = {id(b): 0 if b.is_removed else sum(g.size for g in b.unit_gates())
                          for _, _, b in model.block_slots()}
         self.warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+        self.budget = Budget(cfg.target_macs, cfg.target_params) if self.enabled else Budget()
+        if self.budget:
+            check_reachable(model, self.budget, cfg.units, cfg.layers)
+            self.deadline = round((cfg.harden_at or 1.0) * epochs * steps_per_epoch)
         if self.enabled:
             self.penalty = ComplexityPenalty(model, cfg.tau, cfg.alpha, cfg.beta, cfg.layer_cost)
             self.theta_sgd = ThetaSGD(self.penalty.gamma0, cfg.eta, cfg.step_norm)
@@ -111,6 +118,8 @@ class Pruner:
                         gate.theta.masked_fill_(gate.locked, 1.0)
                 self.monitor.observe(grads)
             if (self.state.step - self.warmup_steps + 1) % self.cfg.check_every == 0:
+                if self.budget:
+                    self._steer_multiplier()
                 remove, lock = self.monitor.ready(gammas)
                 if self.cfg.lock_kept:
                     for gate, mask in lock.items():
@@ -123,6 +132,13 @@ class Pruner:
             gate.clear()
         self.state.step += 1
         return events
+
+    def _steer_multiplier(self) -> None:
+        """One dual-ascent step of the budget multiplier (cap.core.budget): host work at checks only."""
+        goal = goal_fraction(self.state.step, self.warmup_steps, self.deadline)
+        excess = self.budget.excess(expected_cost(self.model), self.dense, goal)
+        self.state.multiplier = next_multiplier(self.state.multiplier, 1.0, excess)
+        self.penalty.multiplier = self.state.multiplier
 
     def _gate_grads(self, grad_scale: float) -> dict[Gate, Tensor] | None:
         """Trapezoid gradients of the active gates, unscaled and averaged over ranks; None if not finite."""
@@ -142,7 +158,7 @@ class Pruner:
         if self.sync is None or self.sync.world_size <= 1:
             return
         description = repr([(self.names[id(b)], r) for b, r in plan.blocks] +
-                           [(self.names[id(b)], k.tolist()) for b, _, k in plan.units])
+                           [(self.names[id(b)], k.tolist()) for b, _, k in plan.units] + [self.state.multiplier])
         gates = gates_of(self.model)
         self.sync.agree(what, digest_tensors([g.theta for g in gates] + [g.locked.to(torch.uint8) for g in gates],
                                              description))
@@ -201,7 +217,8 @@ class Pruner:
             self.state.stable_epochs = 0
         self.state.last_structure = structure
         at_deadline = self.cfg.harden_at is not None and (epoch + 1) >= self.cfg.harden_at * self.epochs
-        stable = self.cfg.harden_patience is not None and self.state.stable_epochs >= self.cfg.harden_patience
+        stable = (self.cfg.harden_patience is not None and self.state.stable_epochs >= self.cfg.harden_patience
+                  and self.target_reached() is not False)  # with a target, stable means stable at the target
         # hardening is only meaningful if there is training left for the fixed network
         if (at_deadline or stable) and epoch + 1 < self.epochs:
             return self.harden()
@@ -211,6 +228,8 @@ class Pruner:
         """Fix the deterministic network: theta < 0.5 removed, the rest set to 1 and ungated."""
         self.state.undecided_at_harden = self.undecided()
         self.state.locked_at_harden = self.locked()
+        if self.budget:
+            self.state.budget_switched = fit_budget(self.model, self.budget, BUDGET_TOLERANCE)
         plan = deterministic_plan(list(self.model.blocks()))
         self._check_agreement(f"hardening at step {self.state.step}", plan)
         events = self.apply(plan)
@@ -267,6 +286,8 @@ class Pruner:
         if self.state.hardened:
             for gate in gates_of(self.model):
                 gate.active = False
+        if self.enabled:
+            self.penalty.multiplier = self.state.multiplier
 
     # ------------------------------------------------------------------ evaluation and reporting
     def deterministic(self) -> None:
@@ -302,10 +323,21 @@ class Pruner:
                                           "units_kept_frac": float((units >= KEEP_THETA).float().mean())}
         return out
 
+    def target_reached(self) -> bool | None:
+        """Whether the deterministic network is within [target - BUDGET_TOLERANCE, target] of every set target
+        (None without a target)."""
+        if not self.budget:
+            return None
+        excess = self.budget.excess(expected_cost(self.model, deterministic_values), self.dense)
+        return -BUDGET_TOLERANCE - 1e-9 <= excess <= 1e-9
+
     def stats(self) -> dict:
         final = expected_cost(self.model, deterministic_values)
         structure = self.block_structure()
         return {
+            "tau_now": self.cfg.tau * self.state.multiplier,
+            "target_macs": self.budget.macs, "target_params": self.budget.params,
+            "target_reached": self.target_reached(),
             "macs_dense": int(self.dense.macs), "macs_final": int(round(float(final.macs))),
             "params_dense": int(self.dense.params), "params_final": int(round(float(final.params))),
             "mac_ratio": float(final.macs / self.dense.macs),
