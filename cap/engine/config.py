@@ -200,6 +200,14 @@ def _check_ranges(cfg: Config) -> None:
     need(p.harden_patience is None or p.harden_patience >= 1, "prune.harden_patience", "null or >= 1",
          p.harden_patience)
     need(p.bn_batches >= 0, "prune.bn_batches", ">= 0", p.bn_batches)
+    for key in ("target_macs", "target_params"):
+        target = getattr(p, key)
+        need(target is None or 0 < target <= 1, f"prune.{key}", "null or a fraction of the dense network in (0, 1]",
+             target)
+        need(target is None or p.tau > 0, "prune.tau", f"> 0 with prune.{key} (tau is the multiplier's starting "
+             "value; 0 means no pruning)", p.tau)
+        need(target is None or p.harden_at is not None, "prune.harden_at", f"a fraction in (0, 1] with prune.{key} "
+             "(the target is met when the network is hardened)", p.harden_at)
     need(p.units or p.layers or p.tau == 0, "prune.units", "true where prune.layers is false and tau > 0",
          p.units)
     need(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
