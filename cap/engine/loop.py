@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "mac_ratio", "param_ratio", "layers_kept",
-                 "units_kept", "theta_undecided", "theta_locked", "epoch_seconds")
+                 "units_kept", "theta_undecided", "theta_locked", "tau_now", "epoch_seconds")
 """the per-epoch values a tracker records"""
 
 
@@ -160,11 +160,18 @@ def evaluate(model: nn.Module, loader, device: torch.device, ctx: DistContext | 
     return {"test_loss": loss / seen, "test_acc": correct / seen, "test_seen": int(seen)}
 
 
+def _target_part(record: dict[str, Any]) -> str:
+    """With a budget target: the multiplier it has moved tau to."""
+    if record.get("target_macs") is None and record.get("target_params") is None:
+        return ""
+    return f" tau {record['tau_now']:.3g}"
+
+
 def epoch_line(record: dict[str, Any], epochs: int, hardened: bool) -> str:
     """The one line a finished epoch logs."""
     return (f"epoch {record['epoch']}/{epochs} loss {record['train_loss']:.3f} test_acc {record['test_acc']:.4f} "
             f"MACs {record['mac_ratio']:.3f} params {record['param_ratio']:.3f} "
             f"blocks {record['layers_kept']}/{record['layers_total']} units {record['units_kept']}/"
             f"{record['units_total']} undecided {record['theta_undecided']} locked {record['theta_locked']}"
-            f"{' hardened' if hardened else ''} "
+            f"{_target_part(record)}{' hardened' if hardened else ''} "
             f"({record['epoch_seconds']:.1f}s)")

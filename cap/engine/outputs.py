@@ -89,4 +89,14 @@ def write_outputs(result: RunResult, tracker, log: Callable[[str], None]) -> dic
     log(f"done: test_acc {summary['test_acc']:.4f}, MAC reduction {1 - summary['mac_ratio']:.1%}, "
         f"param reduction {1 - summary['param_ratio']:.1%}, blocks kept {summary['layers_kept']}/"
         f"{summary['layers_total']}, units kept {summary['units_kept']}/{summary['units_total']}; {out}")
+    if summary["target_reached"] is False:  # the run says so, never silently misses
+        log(f"warning: the budget target was not reached: {_targets(summary)} (see docs/method.md, "
+            "\"Budget targets\": more epochs, unit gates, or a target the block structure allows)")
     return summary
+
+
+def _targets(summary: dict[str, Any]) -> str:
+    parts = [f"{kind} {summary[ratio]:.3f} of dense for a target of {summary[key]:g}"
+             for kind, key, ratio in (("MACs", "target_macs", "mac_ratio"), ("params", "target_params", "param_ratio"))
+             if summary[key] is not None]
+    return ", ".join(parts)

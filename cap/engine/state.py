@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from cap.core.arch import architecture
+from cap.core.budget import BudgetError
 from cap.core.pruner import Pruner
 from cap.data import DataBundle, DataError, build_data
 from cap.data.bundle import derive_seed, loader_positions, restore_loader_positions
@@ -129,7 +130,10 @@ def build_parts(cfg: Config, ctx: DistContext, device: torch.device) -> Parts:
                                 weight_decay=t.weight_decay)
     steps = steps_per_epoch(cfg, data, ctx.world_size)
     scheduler = make_scheduler(optimizer, cfg, steps * t.epochs)
-    pruner = Pruner(model, cfg.prune, steps, t.epochs, optimizer, sync=ctx, seed=derive_seed(cfg.seed, "gates"))
+    try:
+        pruner = Pruner(model, cfg.prune, steps, t.epochs, optimizer, sync=ctx, seed=derive_seed(cfg.seed, "gates"))
+    except BudgetError as exc:  # a target these gates cannot reach: a configuration error, before any training
+        raise ConfigError(str(exc)) from exc
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
     return Parts(cfg, ctx, device, data, kwargs, model, optimizer, scheduler, pruner, scaler, steps,
                  wrap_model(model, ctx, device))
