@@ -54,11 +54,9 @@ def test_a_real_run_lands_on_the_target(tmp_path):
                   log=lambda _: None)
     assert 0.48 <= summary["macs_final"] / summary["macs_dense"] <= 0.50, summary["mac_ratio"]
     assert summary["target_reached"] is True and summary["target_macs"] == 0.5
-    history = json.loads((tmp_path / "history.json").read_text())
-    assert len({h["tau_now"] for h in history}) > 1, "the multiplier must have moved"
 
 
-RESUME = ["train.epochs=3", "prune.harden_at=0.67", "prune.target_macs=0.4", *QUIET]
+RESUME = ["train.epochs=4", "prune.harden_at=0.75", "prune.target_macs=0.4", *QUIET]
 
 
 @pytest.mark.slow
@@ -69,16 +67,17 @@ def test_sigterm_and_resume_with_a_target_is_bit_identical(tmp_path_factory):
     run(load_config("configs/smoke.yaml", RESUME), ref, log=lambda _: None)
     out = tmp_path_factory.mktemp("target_stopped")
 
-    def stop_after_epoch_1(line: str) -> None:
-        if line.startswith("epoch 1/3"):
+    def stop_after_epoch_2(line: str) -> None:
+        if line.startswith("epoch 2/4"):
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(Preempted):
-        run(load_config("configs/smoke.yaml", RESUME), out, log=stop_after_epoch_1)
+        run(load_config("configs/smoke.yaml", RESUME), out, log=stop_after_epoch_2)
     resume(out, log=lambda _: None)
     assert_same_run(ref, out)
     history = json.loads((out / "history.json").read_text())
-    assert history[0]["tau_now"] != history[-1]["tau_now"], "the stop must fall while the multiplier moves"
+    assert history[0]["tau_now"] != history[1]["tau_now"], "the stop must fall while the multiplier moves"
+    assert json.loads((out / "summary.json").read_text())["target_reached"] is True
 
 
 def _budget_worker(rank: int, world: int, init_file: str, perturb: bool, out: str) -> None:
