@@ -102,3 +102,32 @@ def test_lr_warmup_ramps_linearly_then_follows_the_schedule():
     cosine = [0.05 * (1 + math.cos(math.pi * s / 40)) for s in range(40)]
     assert rates[:10] == pytest.approx([cosine[s] * (s + 1) / 10 for s in range(10)])
     assert rates[10:] == pytest.approx(cosine[10:])
+
+
+def test_lr_rewind_replays_the_schedule_after_hardening():
+    import math
+
+    import torch
+
+    from cap.engine.loop import make_scheduler
+
+    cfg = build_config({}, ["train.epochs=4", "train.lr=0.1", "train.lr_rewind=0.25"])
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=cfg.train.lr)
+    hardened: list[int] = []  # the pruner's harden_step: unknown until the structure is fixed at step 20
+    sched = make_scheduler(opt, cfg, total_steps=40, hardened_at=lambda: hardened[0] if hardened else None)
+    rates = []
+    for step in range(40):
+        if step == 20:
+            hardened.append(20)
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    cosine = [0.05 * (1 + math.cos(math.pi * s / 40)) for s in range(41)]
+    assert rates[:21] == pytest.approx(cosine[:21])  # the step at 20 was computed before hardening was known
+    # from step 21 on: the segment [10, 40] of the schedule stretched over the remaining 20 steps
+    assert rates[21:] == pytest.approx([0.05 * (1 + math.cos(math.pi * (10 + (s - 20) * 1.5) / 40))
+                                        for s in range(21, 40)])
+    assert rates[21] > rates[19], "the rate must rise again after hardening"
+    with pytest.raises(ConfigError, match="train.lr_rewind"):
+        build_config({}, ["train.lr_rewind=1.0"])

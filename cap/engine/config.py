@@ -52,6 +52,9 @@ class TrainConfig:
     lr_warmup_epochs: float = 0.0
     """the learning rate rises linearly from lr / steps to lr over this many epochs, then follows the schedule
     (deep ResNets such as ResNet-56 at lr 0.1 start with a loss above chance without it)"""
+    lr_rewind: float | None = None
+    """after hardening, replay the learning-rate schedule from this fraction of training over the remaining
+    steps (learning-rate rewinding; 0 = a fresh schedule for the fixed network); null continues the schedule"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = None
     """torch CPU threads (None: torch's default)"""
@@ -214,6 +217,7 @@ def _check_ranges(cfg: Config) -> None:
     need(t.lr > 0, "train.lr", "> 0", t.lr)
     need(0 <= t.lr_warmup_epochs < t.epochs, "train.lr_warmup_epochs", ">= 0 and < train.epochs", t.lr_warmup_epochs)
     need(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
+    need(t.lr_rewind is None or 0 <= t.lr_rewind < 1, "train.lr_rewind", "null or a fraction in [0, 1)", t.lr_rewind)
     need(all(0 < m < 1 for m in t.milestones), "train.milestones", "fractions in (0, 1)", t.milestones)
     need(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch",
          "null or >= 1", t.max_steps_per_epoch)

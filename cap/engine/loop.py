@@ -45,25 +45,33 @@ def averages(meter: dict[str, float]) -> dict[str, float]:
             "train_acc": meter["correct"] / max(meter["seen"], 1)}
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
-    """The per-step learning-rate schedule of `cfg.train` (cosine, step or constant, after a linear warm-up)."""
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int,
+                   hardened_at: Callable[[], int | None] | None = None):
+    """The per-step learning-rate schedule of `cfg.train` (cosine, step or constant, after a linear warm-up).
+
+    With `train.lr_rewind` = r and `hardened_at` (the step the structure was fixed, or None before): from that
+    step h on, the remaining steps replay the schedule's segment [r * total, total], stretched to fit
+    (learning-rate rewinding, Renda et al. 2020)."""
+    t = cfg.train
+    shape = _schedule_shape(cfg, total_steps)
+    warmup = round(t.lr_warmup_epochs * total_steps / t.epochs)
+
+    def factor(step: int) -> float:
+        h = hardened_at() if hardened_at is not None and t.lr_rewind is not None else None
+        if h is not None and step >= h and total_steps > h:
+            start = t.lr_rewind * total_steps
+            return shape(start + (step - h) * (total_steps - start) / (total_steps - h))
+        return shape(step) * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _schedule_shape(cfg: Config, total_steps: int) -> Callable[[float], float]:
     t = cfg.train
     if t.schedule == "cosine":
-        def factor(step: int) -> float:
-            return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    elif t.schedule == "step":
-        def factor(step: int) -> float:
-            return t.step_gamma ** sum(step >= m * total_steps for m in t.milestones)
-    else:
-        def factor(step: int) -> float:
-            return 1.0
-    warmup = round(t.lr_warmup_epochs * total_steps / t.epochs)
-    if warmup <= 0:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-    def warmed(step: int) -> float:
-        return factor(step) * min(1.0, (step + 1) / warmup)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmed)
+        return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    if t.schedule == "step":
+        return lambda step: t.step_gamma ** sum(step >= m * total_steps for m in t.milestones)
+    return lambda step: 1.0
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, images: torch.Tensor,

@@ -129,11 +129,11 @@ def build_parts(cfg: Config, ctx: DistContext, device: torch.device) -> Parts:
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
                                 weight_decay=t.weight_decay)
     steps = steps_per_epoch(cfg, data, ctx.world_size)
-    scheduler = make_scheduler(optimizer, cfg, steps * t.epochs)
     try:
         pruner = Pruner(model, cfg.prune, steps, t.epochs, optimizer, sync=ctx, seed=derive_seed(cfg.seed, "gates"))
     except BudgetError as exc:  # a target these gates cannot reach: a configuration error, before any training
         raise ConfigError(str(exc)) from exc
+    scheduler = make_scheduler(optimizer, cfg, steps * t.epochs, hardened_at=lambda: pruner.state.harden_step)
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
     return Parts(cfg, ctx, device, data, kwargs, model, optimizer, scheduler, pruner, scaler, steps,
                  wrap_model(model, ctx, device))
