@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,23 +65,40 @@ def _result(future: Future, pool: ThreadPoolExecutor) -> dict:
         raise
 
 
+def points(profile: dict) -> dict[str, list[str]]:
+    """Label -> the overrides that put the cap methods there: a tau each, or with --targets a MAC target each
+    (tau is then the multiplier's start, the profile's first tau)."""
+    if profile.get("targets"):
+        return {f"t{m:g}": [f"prune.target_macs={m}", f"prune.tau={profile['taus'][0]}"] for m in profile["targets"]}
+    return {f"{tau:g}": [f"prune.tau={tau}"] for tau in profile["taus"]}
+
+
+def _layers_run(config: str, overrides: list[str], out: Path, skip: bool) -> dict | None:
+    """Layer-only pruning; None where cap rejects the target (no set of whole blocks lands within 2 points)."""
+    try:
+        return cap_run(config, overrides, out, skip)
+    except subprocess.CalledProcessError:
+        if "no set of whole blocks" in (out / "log.txt").read_text():
+            return None
+        raise
+
+
 def run_model(model: str, profile: dict, out: Path, skip: bool, extra: list[str], pool: ThreadPoolExecutor) -> dict:
-    """Phase 1: dense and, per tau, the three cap variants; phase 2 (needs cap's result): Torch-Pruning at
-    cap's MACs and cap's architecture from scratch. Runs of a phase go to `pool` (one worker: one at a time)."""
+    """Phase 1: dense and, per point (a tau or a target), the three cap variants; phase 2 (needs cap's result):
+    Torch-Pruning at cap's MACs and cap's architecture from scratch. Runs of a phase go to `pool`."""
     base = [*profile["overrides"], *COMMON, *extra, f"model.name={model}"]
     epochs = int(next(o for o in base if o.startswith("train.epochs=")).split("=")[1])
     first = {("dense", None): pool.submit(cap_run, CONFIG, [*base, "prune.tau=0"], out / "dense", skip)}
-    for tau in profile["taus"]:
-        t = f"{tau:g}"
-        first[("cap", t)] = pool.submit(cap_run, CONFIG, [*base, f"prune.tau={tau}"], out / f"cap_tau{t}", skip)
-        first[("cap units", t)] = pool.submit(cap_run, CONFIG, [*base, f"prune.tau={tau}", "prune.layers=false"],
+    where = points(profile)
+    for t, at in where.items():
+        first[("cap", t)] = pool.submit(cap_run, CONFIG, [*base, *at], out / f"cap_tau{t}", skip)
+        first[("cap units", t)] = pool.submit(cap_run, CONFIG, [*base, *at, "prune.layers=false"],
                                               out / f"units_tau{t}", skip)
-        first[("cap layers", t)] = pool.submit(cap_run, CONFIG, [*base, f"prune.tau={tau}", "prune.units=false"],
+        first[("cap layers", t)] = pool.submit(_layers_run, CONFIG, [*base, *at, "prune.units=false"],
                                                out / f"layers_tau{t}", skip)
     done = {key: _result(f, pool) for key, f in first.items()}
     second = {}
-    for tau in profile["taus"]:
-        t = f"{tau:g}"
+    for t in where:
         cap = done[("cap", t)]
         prune_at = (cap["hardened_at_step"] / cap["steps_per_epoch"] / epochs) if cap["hardened_at_step"] else 0.5
         second[("torch-pruning", t)] = pool.submit(peer_run, CONFIG, [*profile["overrides"], *extra,
@@ -92,11 +110,13 @@ def run_model(model: str, profile: dict, out: Path, skip: bool, extra: list[str]
     done.update({key: _result(f, pool) for key, f in second.items()})
     res: dict = {"dense": done[("dense", None)], "taus": {}}
     print(f"{model} dense {res['dense']['test_acc']:.4f}", flush=True)
-    for tau in profile["taus"]:
-        t = f"{tau:g}"
+    for t in where:
         runs = {method: done[(method, t)] for method in METHODS}
         for name, s in runs.items():
-            print(f"{model} tau {tau} {name}: acc {s['test_acc']:.4f}, MAC ratio "
+            if s is None:
+                print(f"{model} {t} {name}: target rejected (no set of whole blocks reaches it)", flush=True)
+                continue
+            print(f"{model} {t} {name}: acc {s['test_acc']:.4f}, MAC ratio "
                   f"{s['macs_final'] / res['dense']['macs_dense']:.3f}, {s['train_seconds']:.0f} s", flush=True)
         res["taus"][t] = runs
     return res
@@ -112,7 +132,8 @@ def plot(model: str, res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.axhline(100 * dense["test_acc"], color="grey", ls="--", lw=1, label="dense")
     for method in METHODS:
-        pts = sorted((*point(runs[method], dense["macs_dense"]), tau) for tau, runs in res["taus"].items())
+        pts = sorted((*point(runs[method], dense["macs_dense"]), tau) for tau, runs in res["taus"].items()
+                     if runs[method] is not None)
         ax.plot([100 * x for x, _, _ in pts], [100 * y for _, y, _ in pts], marker="o", label=method)
         for x, y, tau in pts:
             ax.annotate(tau, (100 * x, 100 * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -138,6 +159,9 @@ def report(model: str, res: dict, results: dict, command: str, image: str) -> st
     for tau, runs in res["taus"].items():
         for method in METHODS:
             s = runs[method]
+            if s is None:
+                lines.append(f"| {tau} | {method} | target rejected: no set of whole blocks reaches it | | | | | | |")
+                continue
             cut, acc = point(s, dense["macs_dense"])
             pcut = 1 - s["params_final"] / dense["params_dense"]
             time_ratio = "-" if contended else f"{s['train_seconds'] / dense['train_seconds']:.2f}"
@@ -145,10 +169,38 @@ def report(model: str, res: dict, results: dict, command: str, image: str) -> st
             units = f"{s['units_kept']}/{s['units_total']}" if "units_kept" in s else "-"
             lines.append(f"| {tau} | {method} | {100 * acc:.2f} | {100 * (acc - dense['test_acc']):+.2f} | "
                          f"{100 * cut:.1f} | {100 * pcut:.1f} | {blocks} | {units} | {time_ratio} |")
-    hv = {m: hypervolume_2d([point(r[m], dense["macs_dense"]) for r in res["taus"].values()]) for m in METHODS}
+    hv = {m: hypervolume_2d([point(r[m], dense["macs_dense"]) for r in res["taus"].values() if r[m] is not None])
+          for m in METHODS}
+    cuts = equal_cut(res)
+    lines += ["", "Accuracy % read off each method's own front at equal MAC cuts (linear between its neighbouring "
+              "points; - where its points do not cover the cut):", "",
+              "| method | " + " | ".join(f"{c} % cut" for c in READ_OFF) + " |", "|---|" + "---|" * len(READ_OFF)]
+    lines += [f"| {m} | " + " | ".join("-" if cuts[m][str(c)] is None else f"{100 * cuts[m][str(c)]:.2f}"
+                                      for c in READ_OFF) + " |" for m in METHODS]
     lines += ["", "Hypervolume (accuracy x MAC reduction above (0, 0); larger is better): "
               + ", ".join(f"{m} {v:.4f}" for m, v in hv.items()), "", f"![{model}]({image})", ""]
     return "\n".join(lines)
+
+
+READ_OFF = (40, 50, 60)
+"""MAC cuts (%) at which every method's accuracy is read off its own front"""
+
+
+def read_off(front: list[tuple[float, float]], cut: float) -> float | None:
+    """Accuracy at MAC reduction `cut` on a front of (reduction, accuracy) points, linear between the two
+    neighbouring points; None outside the points' range."""
+    pts = sorted(front)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x0 <= cut <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (cut - x0) / (x1 - x0)
+    return pts[0][1] if len(pts) == 1 and abs(pts[0][0] - cut) < 1e-9 else None
+
+
+def equal_cut(res: dict) -> dict[str, dict[str, float | None]]:
+    """{method: {"40": accuracy, ...}} as docs/data/equal_cut_<model>.json holds it."""
+    dense = res["dense"]["macs_dense"]
+    return {m: {str(c): read_off([point(r[m], dense) for r in res["taus"].values() if r[m] is not None], c / 100)
+                for c in READ_OFF} for m in METHODS}
 
 
 def main() -> None:
@@ -159,13 +211,17 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", help="a subset of the profile's models")
     parser.add_argument("--taus", nargs="+", type=float, help="replace the profile's taus (e.g. smaller ones for "
                         "ResNet-56, whose 27 blocks each carry a small share of the cost)")
+    parser.add_argument("--targets", nargs="+", type=float, help="put the cap methods at these MAC targets "
+                        "(prune.target_macs) instead of taus; Torch-Pruning follows cap's cut as always")
+    parser.add_argument("--equal-cut-json", type=Path, metavar="DIR",
+                        help="write DIR/equal_cut_<model>.json: accuracy read off each front at 40/50/60 %% cuts")
     parser.add_argument("--parallel", type=int, default=1,
                         help="runs of a phase at once (e.g. on a GPU); times are then contended, not comparable")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
                         help="overrides for every run, e.g. train.device=cuda data.root=DIR")
     parser.add_argument("--write-docs", type=Path)
     args = parser.parse_args()
-    profile = dict(PROFILES[args.profile], **({"taus": args.taus} if args.taus else {}))
+    profile = dict(PROFILES[args.profile], **({"taus": args.taus} if args.taus else {}), targets=args.targets)
     models = args.models or profile["models"]
     unknown = sorted(set(models) - set(profile["models"]))
     if unknown:
@@ -189,6 +245,14 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     command = "python tools/bench_quality.py " + " ".join(sys.argv[1:])
     for model, res in results["models"].items():
+        if args.equal_cut_json:
+            setup = {"command": command, "date": results["date"], "profile": args.profile,
+                     "overrides": results["overrides"], "seeds": 1,
+                     "landed_by": "target (prune.target_macs)" if args.targets else "tau",
+                     "torch-pruning": "cap's MAC ratio at each point", "scratch": "cap's final architecture"}
+            args.equal_cut_json.mkdir(parents=True, exist_ok=True)
+            (args.equal_cut_json / f"equal_cut_{model}.json").write_text(
+                json.dumps({**equal_cut(res), "setup": setup}, indent=2))
         text = report(model, res, results, command, images[model])
         print(text)
         if args.write_docs:
