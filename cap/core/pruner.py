@@ -324,8 +324,8 @@ class Pruner:
         return out
 
     def target_reached(self) -> bool | None:
-        """Whether the deterministic network is within [target - BUDGET_TOLERANCE, target] of every set target
-        (None without a target)."""
+        """Whether the deterministic network is at or below every set target and within BUDGET_TOLERANCE of the
+        binding one (None without a target)."""
         if not self.budget:
             return None
         excess = self.budget.excess(expected_cost(self.model, deterministic_values), self.dense)
@@ -337,7 +337,7 @@ class Pruner:
         return {
             "tau_now": self.cfg.tau * self.state.multiplier,
             "target_macs": self.budget.macs, "target_params": self.budget.params,
-            "target_reached": self.target_reached(),
+            "target_reached": self.target_reached(), "budget_switched": self.state.budget_switched,
             "macs_dense": int(self.dense.macs), "macs_final": int(round(float(final.macs))),
             "params_dense": int(self.dense.params), "params_final": int(round(float(final.params))),
             "mac_ratio": float(final.macs / self.dense.macs),
