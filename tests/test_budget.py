@@ -92,3 +92,18 @@ def test_unreachable_targets_are_rejected():
     with pytest.raises(BudgetError, match="prune.layers=false"):
         check_reachable(model, Budget(params=0.01), units=True, layers=False)
     check_reachable(model, Budget(macs=0.5, params=0.5), units=True, layers=True)
+
+
+def test_fit_budget_reaches_the_target_when_everything_is_locked():
+    """The keep rule may have locked every kept structure at theta 1: the least important per cost go first."""
+    model = create_model("resnet20", in_channels=1)
+    gates = [g for b in model.blocks() for g in (b.layer_gate, *b.unit_gates())]
+    importance = {}
+    for g in gates:
+        g.locked.fill_(True)
+        # unit 0 of each gate is the least important; blocks matter most
+        importance[g] = torch.arange(1, g.size + 1, dtype=torch.float32) * (1e6 if g.kind == "layer" else 1.0)
+    fit_budget(model, Budget(macs=0.9), importance=importance)
+    assert 0.9 - BUDGET_TOLERANCE <= ratio(model, "macs") <= 0.9
+    first = next(model.blocks()).gate1
+    assert first.theta[0] == 0 and first.theta[-1] == 1 and not bool(first.locked[0])

@@ -14,9 +14,10 @@ all ranks compute the same lambda. With both targets the larger relative excess 
 
 The budget at hardening. Hardening fixes the deterministic network, so that is where the target is met
 exactly: `fit_budget` switches off the kept structures with the lowest theta until the cost is at or
-below t, and switches back on the switched-off ones with the highest theta while they fit and the
-cost is more than `tolerance` below t. Each round uses the exact marginal cost of every structure (the
-cost is affine in each gate), then recomputes the cost. A structure is switched by setting its theta
+below t (structures locked at theta 1 last, the least important per unit of cost first), and switches
+back on the switched-off ones with the highest theta while they fit and the cost is more than
+`tolerance` below t. Each round uses the exact marginal cost of every structure (the cost is affine in
+each gate), then recomputes the cost. A structure is switched by setting its theta
 to 0 or to KEEP_THETA, so hardening's own removal rule then does the surgery.
 """
 
@@ -141,12 +142,16 @@ def _marginals(model: GatedNet, budget: Budget, dense: Complexity) -> dict[Gate,
 @torch.no_grad()
 def _switch(gate: Gate, index: int, on: bool) -> None:
     gate.theta[index] = max(float(gate.theta[index]), KEEP_THETA) if on else 0.0
+    gate.locked[index] &= on
 
 
-def fit_budget(model: GatedNet, budget: Budget, tolerance: float = 0.02, rounds: int = 50) -> int:
+def fit_budget(model: GatedNet, budget: Budget, tolerance: float = 0.02, importance: dict[Gate, Tensor] | None = None,
+               rounds: int = 50) -> int:
     """Switch structures off (lowest theta first) or back on (highest theta first) until the deterministic
-    network's cost is within [target - tolerance, target] of every set target where switching can get it
-    there; returns the number of structures switched."""
+    network's cost is at or below every set target and within `tolerance` of the binding one, where switching
+    can get it there; returns the number of structures switched. Among equal thetas (structures the keep rule
+    locked at 1, say) the one with the least `importance` (the pruner's windowed mean of -g) per unit of cost
+    goes first and comes back last."""
     dense = expected_cost(model, ones_values)
     switched = 0
     for _ in range(rounds):
@@ -156,10 +161,11 @@ def fit_budget(model: GatedNet, budget: Budget, tolerance: float = 0.02, rounds:
         marginal = _marginals(model, budget, dense)
         on = excess < 0  # under budget by more than the tolerance: switch structures back on
         candidates = [(g, i) for g, i in _structures(model) if bool(g.theta[i] >= KEEP_THETA) != on
-                      and float(marginal[g][i]) > 0 and not bool(g.locked[i])]
+                      and float(marginal[g][i]) > 0]
         if not candidates:
             break
-        candidates.sort(key=lambda gi: float(gi[0].theta[gi[1]]), reverse=on)
+
+        candidates.sort(key=lambda gi, cost=marginal: _rank(gi, cost, importance), reverse=on)
         room = -excess - tolerance / 2 if on else excess  # aim inside the band, not at its edge
         picked = _pick(candidates, marginal, room, on)
         if not picked:
@@ -168,6 +174,14 @@ def fit_budget(model: GatedNet, budget: Budget, tolerance: float = 0.02, rounds:
             _switch(g, i, on)
         switched += len(picked)
     return switched
+
+
+def _rank(gi: tuple[Gate, int], marginal: dict[Gate, Tensor],
+          importance: dict[Gate, Tensor] | None) -> tuple[float, float]:
+    """Lower theta first; among equal thetas, less importance per unit of cost first."""
+    g, i = gi
+    value = float(importance[g][i]) if importance is not None and g in importance else 0.0
+    return float(g.theta[i]), value / float(marginal[g][i])
 
 
 def _pick(candidates: list[tuple[Gate, int]], marginal: dict[Gate, Tensor], room: float,

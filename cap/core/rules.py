@@ -73,6 +73,10 @@ class PruningMonitor:
         table[gate] = torch.where(inside, streak + 1, torch.zeros_like(streak))
         return table[gate] >= self.patience
 
+    def importance(self) -> dict[Gate, Tensor]:
+        """The mean importance -g of every gate over the window so far (gates without a step in it are left out)."""
+        return {gate: -total / self.count[gate] for gate, total in self.grad_sum.items() if self.count[gate]}
+
     def keep_only(self, gate: Gate, keep: Tensor) -> None:
         for table in (self.streak, self.keep_streak, self.grad_sum):
             if gate in table:
