@@ -21,7 +21,7 @@ from cap.engine.state import FORMAT, migrate
 DATA = Path(__file__).resolve().parent / "data"
 STOPPED = DATA / "run_format1"  # stopped by SIGTERM after step 3 of epoch 2 (of 2)
 DONE = DATA / "run_format1_done"  # the same run, never stopped
-FORMAT_2_KEYS = {"format", "config", "world_size", "arch", "model", "optimizer", "scheduler", "scaler", "pruner",
+PAYLOAD_KEYS = {"format", "config", "world_size", "arch", "model", "optimizer", "scheduler", "scaler", "pruner",
                  "position", "meters", "history", "trajectory", "rng", "tracking_run_id"}
 
 
@@ -48,9 +48,13 @@ def test_migrate_keeps_what_a_late_format_1_checkpoint_holds():
     old = old_payload()
     before = copy.deepcopy(old)
     new = migrate(old)
-    assert new["format"] == FORMAT == 2 and set(new) == FORMAT_2_KEYS
+    assert new["format"] == FORMAT == 3 and set(new) == PAYLOAD_KEYS
     assert new["meters"] == before["meters"] and new["meters"][0] == before["meter"]
-    assert new["config"] == before["config"], "a config that has every key keeps its values"
+    kept = {s: {k: v for k, v in new["config"][s].items() if k in before["config"][s]} if isinstance(v0, dict) else
+            new["config"][s] for s, v0 in before["config"].items()}
+    assert kept == before["config"], "a config that had every key of its time keeps its values"
+    assert new["config"]["prune"]["target_macs"] is None and new["config"]["train"]["lr_rewind"] is None
+    assert new["pruner"]["state"]["multiplier"] == 1.0
     assert new["pruner"]["locked"].keys() == before["pruner"]["locked"].keys()
     assert all(torch.equal(new["pruner"]["locked"][k], t) for k, t in before["pruner"]["locked"].items())
     assert new["pruner"]["monitor"].keys() == before["pruner"]["monitor"].keys()
@@ -60,7 +64,7 @@ def test_migrate_keeps_what_a_late_format_1_checkpoint_holds():
 def test_migrate_fills_in_what_early_format_1_checkpoints_lack():
     old = oldest_payload()
     new = migrate(old)
-    assert new["format"] == 2 and set(new) == FORMAT_2_KEYS
+    assert new["format"] == 3 and set(new) == PAYLOAD_KEYS
     meter = old["meter"]
     assert new["meters"] == [{**meter, "nonfinite_steps": 0, "loss_seen": meter["seen"]}] * old["world_size"]
     assert set(new["meters"][0]) == set(new_meter())
@@ -74,7 +78,7 @@ def test_migrate_fills_in_what_early_format_1_checkpoints_lack():
 def test_migrate_of_the_current_format_and_of_unknown_ones():
     current = migrate(old_payload())
     assert migrate(current) is current
-    for bad in (0, 3, None):
+    for bad in (0, 4, None):
         with pytest.raises(CheckpointError, match=f"format {bad!r} is not supported"):
             migrate({**current, "format": bad})
 
@@ -94,7 +98,7 @@ def test_a_format_1_run_folder_resumes_and_exports(tmp_path):
     assert events and summary["prune_events"][:len(events)] == events, "what was pruned before the stop stays"
 
     written = read_checkpoint(run_dir / CHECKPOINT_DIR / "last.pt")
-    assert written["format"] == FORMAT and set(written) == FORMAT_2_KEYS
+    assert written["format"] == FORMAT and set(written) == PAYLOAD_KEYS
     assert written["position"]["epoch"] == 2 and written["position"]["step_in_epoch"] == 0
     migrated = migrate(old)
     assert to_dict_keys(written) == to_dict_keys(migrated), "a migrated payload has the schema new code writes"

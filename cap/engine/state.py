@@ -40,7 +40,7 @@ from cap.engine.distributed import DistContext, wrap_model
 from cap.engine.loop import AMP_DTYPES, make_scheduler, new_meter
 from cap.models import ArchitectureError, build_from_architecture, create_model, load_architecture
 
-FORMAT = 2
+FORMAT = 3
 """the checkpoint schema this code writes; `migrate` reads every older one"""
 
 
@@ -228,7 +228,17 @@ def _format_1_to_2(old: dict[str, Any]) -> dict[str, Any]:
     return new
 
 
-_UPGRADES = {1: _format_1_to_2}
+def _format_2_to_3(old: dict[str, Any]) -> dict[str, Any]:
+    """Budget targets and learning-rate rewinding: their keys, at the values that leave a run as it was."""
+    config = {key: dict(value) if isinstance(value, dict) else value for key, value in old["config"].items()}
+    config["prune"] = {"target_macs": None, "target_params": None, **config["prune"]}
+    config["train"] = {"lr_rewind": None, **config["train"]}
+    pruner = dict(old["pruner"])
+    pruner["state"] = {"multiplier": 1.0, "budget_switched": None, **pruner["state"]}
+    return {**old, "config": config, "pruner": pruner, "format": 3}
+
+
+_UPGRADES = {1: _format_1_to_2, 2: _format_2_to_3}
 """format n -> the function that turns a payload of format n into one of format n + 1"""
 
 
