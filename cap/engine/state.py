@@ -231,8 +231,8 @@ def _format_1_to_2(old: dict[str, Any]) -> dict[str, Any]:
 def _format_2_to_3(old: dict[str, Any]) -> dict[str, Any]:
     """Budget targets and learning-rate rewinding: their keys, at the values that leave a run as it was."""
     config = {key: dict(value) if isinstance(value, dict) else value for key, value in old["config"].items()}
-    config["prune"] = {"target_macs": None, "target_params": None, **config["prune"]}
-    config["train"] = {"lr_rewind": None, **config["train"]}
+    config["prune"] = {"target_macs": None, "target_params": None, **config.get("prune", {})}
+    config["train"] = {"lr_rewind": None, **config.get("train", {})}
     pruner = dict(old["pruner"])
     pruner["state"] = {"multiplier": 1.0, "budget_switched": None, **pruner["state"]}
     return {**old, "config": config, "pruner": pruner, "format": 3}
