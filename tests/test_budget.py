@@ -15,7 +15,10 @@ from cap.core.budget import (
     next_multiplier,
 )
 from cap.core.complexity import deterministic_values, expected_cost, ones_values
+from cap.core.gates import gates_of
 from cap.core.objective import ComplexityPenalty, ThetaSGD
+from cap.core.rules import deterministic_plan, plan_removals
+from cap.core.surgery import apply_plan
 from cap.models import create_model
 
 
@@ -32,17 +35,33 @@ def test_fit_budget_lands_in_the_band(name, kind, target):
         for gate in (block.layer_gate, *block.unit_gates()):
             gate.theta.copy_(0.4 + 0.6 * torch.rand_like(gate.theta))
     before = ratio(model, kind)
-    switched = fit_budget(model, Budget(**{kind: target}))
+    switched = fit_budget(model, Budget(**{kind: target}), expected_cost(model, ones_values))
     after = ratio(model, kind)
     assert target - BUDGET_TOLERANCE <= after <= target, f"{kind} ratio {before:.3f} -> {after:.3f}"
     assert switched > 0
+
+
+def test_fit_budget_measures_the_target_against_the_dense_start_not_the_pruned_network():
+    """The search removes structures physically before hardening; the target is a fraction of the network the
+    search started from, so fit_budget must not re-base it on what is left (a 0.4 target once ended at 0.32)."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_channels=1)
+    dense = expected_cost(model, ones_values)
+    gone = {g: torch.rand(g.size) < 0.2 for b in model.blocks() for g in b.unit_gates()}  # the search's removals
+    apply_plan(model, plan_removals(list(model.blocks()), gone))
+    for gate in gates_of(model):
+        gate.theta.copy_(0.4 + 0.6 * torch.rand_like(gate.theta))
+    fit_budget(model, Budget(macs=0.4), dense)
+    apply_plan(model, deterministic_plan(list(model.blocks())))  # hardening's surgery
+    final = float(expected_cost(model, ones_values).macs / dense.macs)
+    assert 0.4 - BUDGET_TOLERANCE <= final <= 0.4, final
 
 
 def test_fit_budget_switches_the_least_certain_first():
     model = create_model("resnet20", in_channels=1)
     gate = next(model.blocks()).gate1
     gate.theta[3] = 0.51  # the one kept structure with a theta near the threshold
-    fit_budget(model, Budget(macs=ratio(model, "macs") - 0.002))
+    fit_budget(model, Budget(macs=ratio(model, "macs") - 0.002), expected_cost(model, ones_values))
     assert gate.theta[3] == 0 and bool((gate.theta[:3] == 1).all())
 
 
@@ -51,7 +70,7 @@ def test_fit_budget_switches_back_on_when_far_below():
     for block in model.blocks():
         block.gate1.theta[::2] = 0.45  # every other unit just below the threshold
     start = ratio(model, "macs")
-    fit_budget(model, Budget(macs=start + 0.1))
+    fit_budget(model, Budget(macs=start + 0.1), expected_cost(model, ones_values))
     assert start + 0.1 - BUDGET_TOLERANCE <= ratio(model, "macs") <= start + 0.1
 
 
@@ -103,7 +122,7 @@ def test_fit_budget_reaches_the_target_when_everything_is_locked():
         g.locked.fill_(True)
         # unit 0 of each gate is the least important; blocks matter most
         importance[g] = torch.arange(1, g.size + 1, dtype=torch.float32) * (1e6 if g.kind == "layer" else 1.0)
-    fit_budget(model, Budget(macs=0.9), importance=importance)
+    fit_budget(model, Budget(macs=0.9), expected_cost(model, ones_values), importance)
     assert 0.9 - BUDGET_TOLERANCE <= ratio(model, "macs") <= 0.9
     first = next(model.blocks()).gate1
     assert first.theta[0] == 0 and first.theta[-1] == 1 and not bool(first.locked[0])

@@ -145,14 +145,14 @@ def _switch(gate: Gate, index: int, on: bool) -> None:
     gate.locked[index] &= on
 
 
-def fit_budget(model: GatedNet, budget: Budget, tolerance: float = 0.02, importance: dict[Gate, Tensor] | None = None,
-               rounds: int = 50) -> int:
+def fit_budget(model: GatedNet, budget: Budget, dense: Complexity, importance: dict[Gate, Tensor] | None = None,
+               tolerance: float = BUDGET_TOLERANCE, rounds: int = 50) -> int:
     """Switch structures off (lowest theta first) or back on (highest theta first) until the deterministic
     network's cost is at or below every set target and within `tolerance` of the binding one, where switching
-    can get it there; returns the number of structures switched. Among equal thetas (structures the keep rule
-    locked at 1, say) the one with the least `importance` (the pruner's windowed mean of -g) per unit of cost
-    goes first and comes back last."""
-    dense = expected_cost(model, ones_values)
+    can get it there; returns the number of structures switched. The targets are fractions of `dense`, the cost
+    of the network the search started from (not of `model` now: the search may already have removed
+    structures). Among equal thetas (structures the keep rule locked at 1, say) the one with the least
+    `importance` (the pruner's windowed mean of -g) per unit of cost goes first and comes back last."""
     switched = 0
     for _ in range(rounds):
         excess = budget.excess(expected_cost(model, deterministic_values), dense)

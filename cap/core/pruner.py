@@ -229,7 +229,7 @@ class Pruner:
         self.state.undecided_at_harden = self.undecided()
         self.state.locked_at_harden = self.locked()
         if self.budget:
-            self.state.budget_switched = fit_budget(self.model, self.budget, importance=self.monitor.importance())
+            self.state.budget_switched = fit_budget(self.model, self.budget, self.dense, self.monitor.importance())
         plan = deterministic_plan(list(self.model.blocks()))
         self._check_agreement(f"hardening at step {self.state.step}", plan)
         events = self.apply(plan)
