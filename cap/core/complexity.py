@@ -70,6 +70,40 @@ def branch_cost(block: nn.Module, theta_of: ThetaOf = theta_values) -> Complexit
     return Complexity(torch.as_tensor(layer * macs), torch.as_tensor(layer * params))
 
 
+def unit_slopes(block: nn.Module, theta_of: ThetaOf = theta_values) -> dict[Gate, Complexity]:
+    """d branch_cost / d theta_s for every unit gate of `block`, in closed form (no autograd): the cost depends
+    on a gate's thetas only through their sum, so every unit of a gate has the same slope (0-d tensors).
+
+    Unit s of stage k widens conv k's output, its BN, and conv k+1's input:
+        slope_k = theta_B * alive * (c(conv_k; W_{k-1} -> 1) + 2 BN params + c(conv_{k+1}; 1 -> W_{k+1}))
+    with W the expected widths and c the (affine) cost of one more channel. `alive` is branch_cost's
+    step term (0 once an internal layer is empty); like the step itself it has no slope."""
+    stages = block.stages()
+    widths = [block.conv1.in_channels] + [theta_of(g).sum().double() if g is not None else conv.out_channels
+                                          for conv, _, g in stages]
+    scale = theta_of(block.layer_gate).sum().double()
+    for _, _, gate in stages:
+        if gate is not None:
+            scale = scale * (theta_of(gate).amax() > 0).double()
+    out = {}
+    for k, (conv, _bn, gate) in enumerate(stages):
+        if gate is None:
+            continue
+        nxt = stages[k + 1][0]
+        m_out, p_out = _one_more_channel(conv, widths[k], 0, as_input=False)
+        m_in, p_in = _one_more_channel(nxt, 0, widths[k + 2], as_input=True)
+        out[gate] = Complexity(scale * (m_out + m_in), scale * (p_out + 2 + p_in))
+    return out
+
+
+def _one_more_channel(conv: nn.Conv2d, cin, cout, as_input: bool) -> tuple:
+    """(MACs, params) that one more input (or output) channel adds to `conv` at widths (cin, cout): the cost is
+    affine in each width, so the difference is exact."""
+    base = _conv_macs_params(conv, cin, cout)
+    more = _conv_macs_params(conv, cin + 1, cout) if as_input else _conv_macs_params(conv, cin, cout + 1)
+    return more[0] - base[0], more[1] - base[1]
+
+
 def _module_cost(module: nn.Module) -> tuple[float, float]:
     if isinstance(module, nn.Conv2d):
         return _conv_macs_params(module, module.in_channels, module.out_channels)

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from cap.core.blocks import GatedNet
-from cap.core.complexity import branch_cost, expected_cost, ones_values
-from cap.core.gates import Gate, gates_of
+from cap.core.complexity import branch_cost, expected_cost, ones_values, unit_slopes
+from cap.core.gates import Gate
 
 
 class ComplexityPenalty:
@@ -46,17 +46,20 @@ class ComplexityPenalty:
         return self.multiplier * self._normalise(expected_cost(self.model))
 
     def _raw_gammas(self) -> dict[Gate, Tensor]:
-        gates = [g for g in gates_of(self.model) if g.active]
-        if not gates:
-            return {}
-        leaves = {g: g.theta.detach().clone().requires_grad_(True) for g in gates}
-        cost = self._normalise(expected_cost(self.model, lambda g: leaves.get(g, g.theta)))
-        grads = torch.autograd.grad(cost, list(leaves.values()), allow_unused=True)
-        out = {g: (d if d is not None else torch.zeros_like(g.theta)) for g, d in zip(gates, grads, strict=True)}
-        if self.layer_cost == "static":
-            for g in out:
-                if g.kind == "layer":
-                    out[g] = self.static_layer_gamma[g].reshape(1).clone()
+        """dR/dtheta_s (unweighted) for every active gate, in closed form (cap.core.complexity.unit_slopes): the
+        per-step penalty adds no autograd graph and no host read."""
+        out: dict[Gate, Tensor] = {}
+        for block in self.model.blocks():
+            units = [g for g in block.unit_gates() if g.active]
+            slopes = unit_slopes(block) if units else {}
+            for gate in units:
+                out[gate] = self._normalise(slopes[gate]).to(gate.theta.dtype).expand_as(gate.theta)
+            layer = block.layer_gate
+            if layer.active and self.layer_cost == "static":
+                out[layer] = self.static_layer_gamma[layer].reshape(1)  # float64, as the dense costs
+            elif layer.active:  # dynamic: the branch's expected cost, which is affine in its layer theta
+                whole = branch_cost(block, lambda g, layer=layer: torch.ones_like(g.theta) if g is layer else g.theta)
+                out[layer] = self._normalise(whole).to(layer.theta.dtype).reshape(1)
         return out
 
     def gammas(self) -> dict[Gate, Tensor]:
@@ -85,15 +88,18 @@ class ThetaSGD:
         self.mean_sq: dict[Gate, Tensor] = {}
 
     @torch.no_grad()
-    def step(self, grads: dict[Gate, Tensor], gammas: dict[Gate, Tensor]) -> None:
+    def step(self, grads: dict[Gate, Tensor], gammas: dict[Gate, Tensor], finite: Tensor | None = None) -> None:
+        """One step for every gate in `grads`. `finite` (a 0-d bool tensor, None = True) skips the step on the
+        device, without a host read: the thetas and the RMS stay as they are."""
+        go = 1.0 if finite is None else finite.to(torch.float32)
         for gate, g in grads.items():
             scale: float | Tensor = max(self.gamma0[gate], 1e-12)
             if self.step_norm == "cost_noise":
                 sq = self.mean_sq.get(gate)
-                sq = g * g if sq is None else self.RMS_DECAY * sq + (1 - self.RMS_DECAY) * g * g
-                self.mean_sq[gate] = sq
-                scale = torch.clamp(sq.sqrt(), min=scale)
-            gate.theta.sub_(self.eta * (g + gammas[gate]) / scale).clamp_(0.0, 1.0)
+                new = g * g if sq is None else self.RMS_DECAY * sq + (1 - self.RMS_DECAY) * g * g
+                self.mean_sq[gate] = new if finite is None or sq is None else torch.where(finite, new, sq)
+                scale = torch.clamp(self.mean_sq[gate].sqrt(), min=scale)
+            gate.theta.sub_(self.eta * (g + gammas[gate]) / scale * go).clamp_(0.0, 1.0)
 
     def keep_only(self, gate: Gate, keep: Tensor) -> None:
         if gate in self.mean_sq:

@@ -74,7 +74,7 @@ class Pruner:
             gate.per_example = cfg.sampling == "example"
             gate.active = self.enabled and (cfg.units if gate.kind == "unit" else cfg.layers)
             gate.generator, gate.shard = self.generator, shard
-        self.skipped_steps = 0
+        self.skipped_steps = torch.zeros((), dtype=torch.long)  # a device counter: read at checkpoints only
         self.dense = expected_cost(model, ones_values)
         self.names = {id(b): f"stage{s + 1}.block{i + 1}" for s, i, b in model.block_slots()}
         self.layers_total = sum(1 for _ in model.blocks())
@@ -107,16 +107,14 @@ class Pruner:
         whose gate gradients are not finite (the scaler skipped it) leaves the thetas alone."""
         events: list[PruneEvent] = []
         if self.sampling:
-            grads = self._gate_grads(grad_scale)
+            grads, finite = self._gate_grads(grad_scale)
             gammas = self.penalty.gammas()
-            if grads is None:
-                self.skipped_steps += 1
-            else:
-                self.theta_sgd.step(grads, gammas)
-                if self.cfg.lock_kept:  # locked thetas stay at 1
-                    for gate in grads:
-                        gate.theta.masked_fill_(gate.locked, 1.0)
-                self.monitor.observe(grads)
+            self.theta_sgd.step(grads, gammas, finite)
+            if self.cfg.lock_kept:  # locked thetas stay at 1
+                for gate in grads:
+                    gate.theta.masked_fill_(gate.locked, 1.0)
+            self.monitor.observe(grads, finite)
+            self.skipped_steps = self.skipped_steps + (~finite).long()
             if (self.state.step - self.warmup_steps + 1) % self.cfg.check_every == 0:
                 if self.budget:
                     self._steer_multiplier()
@@ -140,19 +138,20 @@ class Pruner:
         self.state.multiplier = next_multiplier(self.state.multiplier, 1.0, excess)
         self.penalty.multiplier = self.state.multiplier
 
-    def _gate_grads(self, grad_scale: float) -> dict[Gate, Tensor] | None:
-        """Trapezoid gradients of the active gates, unscaled and averaged over ranks; None if not finite."""
+    def _gate_grads(self, grad_scale: float) -> tuple[dict[Gate, Tensor], Tensor]:
+        """Trapezoid gradients of the active gates, unscaled and averaged over ranks, and whether all are finite
+        (a 0-d bool tensor, never read on the host here); a step that is not finite comes back zeroed."""
         gates = self.active_gates()
         raw = {g: g.trapezoid_grad() for g in gates}
-        if self.sync is not None and self.sync.world_size > 1:
-            # one flat all-reduce; a gate without a gradient on this rank contributes zeros
-            flat = torch.cat([raw[g] if raw[g] is not None else torch.zeros_like(g.theta) for g in gates])
-            flat = self.sync.average(flat)
-            raw = dict(zip(gates, flat.split([g.size for g in gates]), strict=True))
-        grads = {g: gr / grad_scale for g, gr in raw.items() if gr is not None}
-        if not all(bool(torch.isfinite(gr).all()) for gr in grads.values()):
-            return None
-        return grads
+        ddp = self.sync is not None and self.sync.world_size > 1
+        # under DDP one flat all-reduce, where a gate without a gradient on this rank contributes zeros
+        present = gates if ddp else [g for g in gates if raw[g] is not None]
+        flat = torch.cat([raw[g] if raw[g] is not None else torch.zeros_like(g.theta) for g in present]
+                         or [torch.zeros(0)])
+        flat = (self.sync.average(flat) if ddp else flat) / grad_scale
+        finite = torch.isfinite(flat).all()
+        flat = torch.where(finite, flat, torch.zeros_like(flat))
+        return dict(zip(present, flat.split([g.size for g in present]), strict=True)), finite
 
     def _check_agreement(self, what: str, plan: RemovalPlan) -> None:
         if self.sync is None or self.sync.world_size <= 1:
@@ -250,11 +249,11 @@ class Pruner:
         state = dict(vars(self.state))
         state["events"] = [dict(vars(e)) for e in self.state.events]
         out: dict[str, Any] = {"state": state, "generator": self.generator.get_state(),
-                               "skipped_steps": self.skipped_steps}
+                               "skipped_steps": int(self.skipped_steps)}
         if self.enabled:
             m = self.monitor
             out["monitor"] = {"grad_sum": {names[g]: t for g, t in m.grad_sum.items()},
-                              "count": {names[g]: c for g, c in m.count.items()},
+                              "count": {names[g]: c for g, c in m.counts().items()},
                               "streak": {names[g]: t for g, t in m.streak.items()},
                               "keep_streak": {names[g]: t for g, t in m.keep_streak.items()}}
             out["locked"] = {names[g]: g.locked.clone() for g in self.active_gates()}
@@ -267,7 +266,7 @@ class Pruner:
         state["events"] = [PruneEvent(**e) for e in state["events"]]
         self.state = PrunerState(**state)
         self.generator.set_state(saved["generator"])
-        self.skipped_steps = saved["skipped_steps"]
+        self.skipped_steps = torch.tensor(saved["skipped_steps"])
         if self.enabled:
             by_name = {name: g for g, name in self._gate_names().items()}
             m = self.monitor

@@ -47,18 +47,31 @@ class PruningMonitor:
         self.count: dict[Gate, int] = {}
         self.streak: dict[Gate, Tensor] = {}
         self.keep_streak: dict[Gate, Tensor] = {}
+        self.skipped = torch.zeros((), dtype=torch.long)  # steps of this window whose gradients were not finite
 
-    def observe(self, grads: dict[Gate, Tensor]) -> None:
+    def observe(self, grads: dict[Gate, Tensor], finite: Tensor | None = None) -> None:
+        """Add one step's gradients. A step that was not finite (`finite` False, its gradients zeroed) is counted
+        on the device and taken off the step counts when they are read, so observing never reads the device."""
         for gate, g in grads.items():
-            self.grad_sum[gate] = self.grad_sum.get(gate, torch.zeros_like(g)) + g
+            self.grad_sum[gate] = self.grad_sum[gate] + g if gate in self.grad_sum else g
             self.count[gate] = self.count.get(gate, 0) + 1
+        if finite is not None:
+            self.skipped = self.skipped + (~finite).long()
+
+    def counts(self) -> dict[Gate, int]:
+        """The finite steps each gate has seen in this window (one host read)."""
+        skipped = int(self.skipped)
+        return {gate: n - skipped for gate, n in self.count.items()}
 
     def ready(self, gammas: dict[Gate, Tensor]) -> tuple[dict[Gate, Tensor], dict[Gate, Tensor]]:
         """Update the streaks from the window that just ended; return (gate -> bool mask of structures ready
         for removal, gate -> bool mask of structures ready to be locked on)."""
         remove, lock = {}, {}
+        counts = self.counts()
         for gate, total in self.grad_sum.items():
-            importance = -total / self.count[gate]
+            if counts[gate] == 0:  # every step of the window was skipped: nothing learnt, streaks unchanged
+                continue
+            importance = -total / counts[gate]
             inside = (gate.theta <= self.theta_min) & (importance < (1 - self.margin) * gammas[gate])
             remove[gate] = self._count(self.streak, gate, inside)
             # the keep rule locks only what the deterministic network keeps
@@ -66,6 +79,7 @@ class PruningMonitor:
             lock[gate] = self._count(self.keep_streak, gate, on & ~gate.locked)
         self.grad_sum.clear()
         self.count.clear()
+        self.skipped = torch.zeros((), dtype=torch.long)
         return remove, lock
 
     def _count(self, table: dict[Gate, Tensor], gate: Gate, inside: Tensor) -> Tensor:
@@ -75,7 +89,8 @@ class PruningMonitor:
 
     def importance(self) -> dict[Gate, Tensor]:
         """The mean importance -g of every gate over the window so far (gates without a step in it are left out)."""
-        return {gate: -total / self.count[gate] for gate, total in self.grad_sum.items() if self.count[gate]}
+        counts = self.counts()
+        return {gate: -total / counts[gate] for gate, total in self.grad_sum.items() if counts[gate]}
 
     def keep_only(self, gate: Gate, keep: Tensor) -> None:
         for table in (self.streak, self.keep_streak, self.grad_sum):

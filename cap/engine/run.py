@@ -249,7 +249,7 @@ def _result(parts: Parts, progress: Progress, run_dir: Path, digests: list[str])
         history=progress.history, trajectory=progress.trajectory, dataset=parts.data.name,
         steps_per_epoch=parts.steps, world_size=parts.ctx.world_size, pruning=pruner.enabled,
         hardened_at_step=state.harden_step, theta_undecided_at_harden=state.undecided_at_harden,
-        theta_locked_at_harden=state.locked_at_harden, theta_steps_skipped=pruner.skipped_steps,
+        theta_locked_at_harden=state.locked_at_harden, theta_steps_skipped=int(pruner.skipped_steps),
         prune_events=[vars(e) for e in state.events], tracking_run_id=progress.tracking_run_id,
         rank_digests=digests, peak_memory_mb=peak_memory_mb(parts.device))
 
