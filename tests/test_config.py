@@ -131,3 +131,8 @@ def test_lr_rewind_replays_the_schedule_after_hardening():
     assert rates[21] > rates[19], "the rate must rise again after hardening"
     with pytest.raises(ConfigError, match="train.lr_rewind"):
         build_config({}, ["train.lr_rewind=1.0"])
+    # a fresh schedule for the fixed network is the default; a run saved before the key existed keeps its own
+    from cap.engine.config import with_legacy_values
+
+    assert build_config({}).train.lr_rewind == 0
+    assert build_config(with_legacy_values({"train": {"epochs": 4}})).train.lr_rewind is None

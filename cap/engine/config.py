@@ -52,7 +52,7 @@ class TrainConfig:
     lr_warmup_epochs: float = 0.0
     """the learning rate rises linearly from lr / steps to lr over this many epochs, then follows the schedule
     (deep ResNets such as ResNet-56 at lr 0.1 start with a loss above chance without it)"""
-    lr_rewind: float | None = None
+    lr_rewind: float | None = 0.0
     """after hardening, replay the learning-rate schedule from this fraction of training over the remaining
     steps (learning-rate rewinding; 0 = a fresh schedule for the fixed network); null continues the schedule"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -279,7 +279,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return build_config(_read_yaml(Path(path), "config file") if path is not None else {}, overrides)
 
 
-LEGACY_VALUES: dict[str, dict[str, Any]] = {"prune": {"lock_kept": False}}
+LEGACY_VALUES: dict[str, dict[str, Any]] = {"prune": {"lock_kept": False}, "train": {"lr_rewind": None}}
 """Keys added after runs could be checkpointed whose default changes what such a run does. A configuration
 saved without one (an older run folder or checkpoint) gets this value back, the behaviour it was started with.
 New keys whose default reproduces the old behaviour (e.g. train.lr_warmup_epochs = 0) need no entry."""

@@ -12,7 +12,8 @@ Recipe (the standard Torch-Pruning one, on cap's model, data, optimiser and epoc
      pruning_ratio found by bisection so that the MACs land as close as they can to
      target_mac_ratio * dense MACs; fc ignored (its class outputs are never pruned).
   4. A fresh SGD (momentum buffers reset, the usual Torch-Pruning practice after structural pruning)
-     fine-tunes for the remaining epochs on the continuing global schedule.
+     fine-tunes for the remaining epochs on the schedule cap uses after hardening: with train.lr_rewind
+     (the config's, 0 by default) a replay of the schedule from that point, else the continuing one.
   Evaluation after every epoch: eval mode with the model's own BN running statistics (no re-estimation).
 
 What Torch-Pruning 1.6.1 can and cannot trace on cap's CIFAR ResNets:
@@ -319,7 +320,7 @@ def run_torch_pruning(cfg: Config, target_mac_ratio: float, prune_at: float, out
         ratio, pruned, macs = find_ratio(model, target_mac_ratio * macs_dense)
         model = pruned
         optimizer = new_optimizer()  # fresh SGD: momentum buffers reset
-        scheduler = make_scheduler(optimizer, cfg, total_steps)
+        scheduler = make_scheduler(optimizer, cfg, total_steps, hardened_at=lambda: done_steps)
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": fast-forwarding on purpose
             warnings.simplefilter("ignore")
             for _ in range(done_steps):
