@@ -12,16 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from cap.core.config import PruneConfig
-from cap.core.pruner import Pruner
 from cap.engine.config import load_config
-from cap.engine.distributed import DistContext, RankMismatchError
+from cap.engine.distributed import RankMismatchError
 from cap.engine.run import Preempted, resume, run
-from cap.models import create_model
+from tests.prune_utils import gloo_rank_pruner
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["train.progress=false", "tracking.enabled=false"]
@@ -82,18 +79,11 @@ def test_sigterm_and_resume_with_a_target_is_bit_identical(tmp_path_factory):
 
 
 def _budget_worker(rank: int, world: int, init_file: str, perturb: bool, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = create_model("resnet20", width=4, num_classes=3, in_channels=1, input_size=8)
-        cfg = PruneConfig(tau=2.0, warmup_epochs=0, check_every=5, eta=0.05, target_macs=0.5, harden_at=1.0)
-        pruner = Pruner(model, cfg, steps_per_epoch=20, epochs=1, sync=DistContext(rank=rank, world_size=world))
-        data = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    with gloo_rank_pruner(rank, world, init_file, steps=20, target_macs=0.5, harden_at=1.0) as (model, pruner,
+                                                                                                 batches):
         result, multipliers = "ok", []
         try:
-            for step in range(20):
-                x, y = torch.randn(8, 1, 8, 8, generator=data), torch.randint(0, 3, (8,), generator=data)
+            for step, (x, y) in enumerate(batches):
                 pruner.before_forward()
                 F.cross_entropy(model(x), y).backward()
                 if perturb and rank == 1 and step == 9:
@@ -103,8 +93,6 @@ def _budget_worker(rank: int, world: int, init_file: str, perturb: bool, out: st
         except RankMismatchError as exc:
             result = str(exc)
         torch.save({"result": result, "multipliers": multipliers}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("perturb", [False, True])

@@ -15,17 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from cap.core.gates import gates_of
-from cap.core.pruner import Pruner
 from cap.core.sync import digest_tensors
 from cap.data.bundle import shard_indices
-from cap.engine.config import PruneConfig
-from cap.engine.distributed import DistContext, RankMismatchError
-from cap.models import create_model
+from cap.engine.distributed import RankMismatchError
+from tests.prune_utils import gloo_rank_pruner
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -73,20 +70,12 @@ def test_folder_sampler_shards_and_resumes_like_the_tensor_loader():
 
 # ---------------------------------------------------------------------------- pruner under gloo
 def _pruner_worker(rank: int, world: int, init_file: str, perturb: bool, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = create_model("resnet20", width=4, num_classes=3, in_channels=1, input_size=8)
-        cfg = PruneConfig(tau=2.0, warmup_epochs=0, check_every=5, eta=0.05)
-        pruner = Pruner(model, cfg, steps_per_epoch=10, epochs=1, sync=DistContext(rank=rank, world_size=world))
-        data = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    with gloo_rank_pruner(rank, world, init_file, steps=10) as (model, pruner, batches):
         if perturb and rank == 1:
             gates_of(model)[0].theta[0] -= 1e-3
         result, draws = "ok", []
         try:
-            for _ in range(10):
-                x, y = torch.randn(8, 1, 8, 8, generator=data), torch.randint(0, 3, (8,), generator=data)
+            for x, y in batches:
                 pruner.before_forward()
                 F.cross_entropy(model(x), y).backward()
                 draws.append(gates_of(model)[0].xi.detach().clone())
@@ -95,8 +84,6 @@ def _pruner_worker(rank: int, world: int, init_file: str, perturb: bool, out: st
             result = str(exc)
         thetas = [g.theta.clone() for g in gates_of(model)]
         torch.save({"result": result, "thetas": thetas, "draws": draws}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _run_pruner_ranks(tmp_path: Path, perturb: bool) -> list[dict]:
