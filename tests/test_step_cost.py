@@ -57,11 +57,7 @@ def test_a_sampling_step_reads_nothing_on_the_host_and_dispatches_a_bounded_numb
     bench.step(gated=True)
     step = bench_step.count_ops(lambda: bench.step(gated=True))
     assert step[bench_step.HOST_READ] == 0, "a per-step host read (bool/float/item of a tensor) is back"
-    pruner = bench.pruner
-    ops = bench_step.count_ops(pruner.before_forward)
-    loss = torch.nn.functional.cross_entropy(bench.model(bench.x), bench.y)
-    loss.backward()
-    ops += bench_step.count_ops(pruner.after_step)
+    ops = bench_step.pruner_ops(bench)
     assert sum(ops.values()) <= PRUNER_OPS_RESNET56, ops.most_common(8)
 
 

@@ -10,7 +10,8 @@ host is meant to read device values.
 Per model it reports:
   step_ratio     median gated step / median plain step
   pruner_share   the pruner's calls (before_forward + after_step) as a fraction of the gated step
-  ops            aten operators dispatched per step, plain and gated (a TorchDispatchMode count)
+  ops            aten operators dispatched per step, plain and gated, and by the pruner's own calls
+                 (a TorchDispatchMode count; independent of the batch size)
   host_reads     aten::_local_scalar_dense per gated step: every bool(t), float(t), t.item() and t.tolist()
                  on a tensor, i.e. a host sync on a GPU (counted here on the CPU, where it is the same call)
 
@@ -94,6 +95,18 @@ def count_ops(step: Callable[[], None]) -> Counter[str]:
     return counter.ops
 
 
+def pruner_ops(bench: Bench) -> Counter[str]:
+    """The aten operators the pruner's own calls (before_forward, after_step) dispatch in one sampling step."""
+    counter = OpCounter()
+    with counter:
+        bench.pruner.before_forward()
+    F.cross_entropy(bench.model(bench.x), bench.y).backward()
+    with counter:
+        bench.pruner.after_step()
+    bench.optimizer.zero_grad(set_to_none=True)
+    return counter.ops
+
+
 def measure(model_name: str, batch: int, size: int, rounds: int, steps: int) -> dict:
     cfg = PruneConfig(tau=0.6, warmup_epochs=0, check_every=10**9, harden_at=None)
     bench = Bench(model_name, batch, size, cfg)
@@ -101,6 +114,7 @@ def measure(model_name: str, batch: int, size: int, rounds: int, steps: int) -> 
         bench.step(gated)
     plain_ops = count_ops(lambda: bench.step(False))
     gated_ops = count_ops(lambda: bench.step(True))
+    own_ops = pruner_ops(bench)
     times: dict[bool, list[float]] = {False: [], True: []}
     bench.pruner_seconds = 0.0
     for _ in range(rounds):
@@ -113,6 +127,7 @@ def measure(model_name: str, batch: int, size: int, rounds: int, steps: int) -> 
     return {"model": model_name, "batch": batch, "input": size, "plain_step_s": plain, "gated_step_s": gated,
             "step_ratio": gated / plain, "pruner_share": bench.pruner_seconds / sum(times[True]),
             "ops_plain": sum(plain_ops.values()), "ops_gated": sum(gated_ops.values()),
+            "ops_pruner": sum(own_ops.values()),
             "host_reads_plain": plain_ops[HOST_READ], "host_reads_gated": gated_ops[HOST_READ],
             "gates": len(bench.pruner.active_gates()), "threads": torch.get_num_threads()}
 
@@ -121,11 +136,12 @@ def report(rows: list[dict], command: str) -> str:
     lines = [f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, CPU, {rows[0]['threads']} threads; "
              "median of interleaved steps, thetas held at 1)", "",
              "| model | batch, input | gates | plain step ms | gated step ms | gated / plain | pruner share | "
-             "ops per step plain -> gated | host reads per gated step |", "|---|---|---|---|---|---|---|---|---|"]
+             "ops per step plain -> gated (pruner's own) | host reads per gated step |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']}, {r['input']}x{r['input']} | {r['gates']} | "
                      f"{1e3 * r['plain_step_s']:.1f} | {1e3 * r['gated_step_s']:.1f} | {r['step_ratio']:.3f}x | "
-                     f"{100 * r['pruner_share']:.1f} % | {r['ops_plain']} -> {r['ops_gated']} | "
+                     f"{100 * r['pruner_share']:.1f} % | {r['ops_plain']} -> {r['ops_gated']} ({r['ops_pruner']}) | "
                      f"{r['host_reads_gated']} (plain {r['host_reads_plain']}) |")
     return "\n".join(lines) + "\n"
 
