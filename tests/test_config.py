@@ -18,10 +18,17 @@ from cap.engine.config import ConfigError, build_config, load_config
     ("data.name=svhn", "data.name"),
     ("prune", "key=value"),
     ("train.lr_warmup_epochs=8", "train.lr_warmup_epochs"),
+    ("prune.sample_fraction=0", "prune.sample_fraction"),
+    ("prune.sample_fraction=1.5", "prune.sample_fraction"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
         build_config({}, [override])
+
+
+def test_a_share_of_the_batch_needs_per_example_gates():
+    with pytest.raises(ConfigError, match="needs per-example gates"):
+        build_config({}, ["prune.sampling=batch", "prune.sample_fraction=0.5"])
 
 
 def test_yaml_and_overrides_compose():

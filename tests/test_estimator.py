@@ -63,11 +63,11 @@ def _trained(seed=3, batch=64):
     return net, x, y
 
 
-def _draw_estimates(net, x, y, theta, per_example, draws, seed):
+def _draw_estimates(net, x, y, theta, per_example, draws, seed, fraction=1.0):
     """`draws` Monte Carlo estimates g from the Gate code itself, gates drawn with P(on) = clamp(theta)."""
     set_thetas(net, theta)
     for g in net.gates():
-        g.mode, g.explore, g.per_example = "sample", EXPLORE, per_example
+        g.mode, g.explore, g.per_example, g.sample_fraction = "sample", EXPLORE, per_example, fraction
     torch.manual_seed(seed)
     samples = []
     for _ in range(draws):
@@ -148,6 +148,23 @@ def test_per_example_sampling_is_unbiased_and_has_lower_variance():
     ratio = results[False].var(0) / per_ex.var(0)
     print(f"variance ratio batch/per-example: {ratio.tolist()}")
     assert torch.all(ratio > 3)
+
+
+def test_a_drawn_share_of_the_batch_estimates_the_same_mean_and_the_rest_sees_the_deterministic_gates():
+    """prune.sample_fraction: with eval-mode BN (examples independent) the estimate from the drawn half of
+    the batch, scaled to the whole batch, is the estimator of the drawn examples' mean loss (batches are
+    shuffled, so over the data it is the full estimator's mean); the other half is gated by
+    xi = 1[theta >= 0.5], so it carries no gate noise."""
+    net, x, y = _setup(seed=7, batch=32)
+    net.eval()
+    theta = torch.tensor([0.8, 0.4, 0.6, 0.5])
+    expected = estimator_mean(_table(net, x[:16], y[:16]), theta, theta)
+    half = _draw_estimates(net, x, y, theta, True, draws=2000, seed=3, fraction=0.5)
+    stderr = half.std(0) / len(half) ** 0.5
+    assert torch.all((half.mean(0) - expected).abs() < 4 * stderr + 1e-4), (half.mean(0), expected)
+    for g in net.gates():
+        assert g.drawn_rows == 16
+        assert torch.equal(g.xi[16:].detach(), g.keep_mask().float().expand(16, g.size))
 
 
 def test_train_mode_bn_makes_unit_gradients_of_a_block_sum_to_zero_at_theta_one():

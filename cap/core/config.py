@@ -27,6 +27,9 @@ class PruneConfig:
     """layer gates pay the block's dense cost share (static) or its current expected cost (dynamic)"""
     sampling: Literal["example", "batch"] = "example"
     """draw the gates per example (lower-variance estimator) or once per mini-batch"""
+    sample_fraction: float = 1.0
+    """share of each batch's examples that get sampled gates (with sampling=example); the rest train the
+    deterministic network xi = 1[theta >= 0.5], and the estimator uses the drawn share alone"""
     explore: float = 0.05
     """gates are drawn with probability clamp(theta, explore, 1 - explore); the estimator weights are exact"""
     eta: float = 0.0015

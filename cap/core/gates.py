@@ -7,13 +7,15 @@ it is moved by the projected theta step (cap.core.objective), never by the weigh
 Modes:
   dense          xi = 1, the gate is the identity (warm-up, hardened, or tau = 0);
   sample         xi drawn per example (or per batch) with P(xi_s = 1) = clamp(theta_s, e, 1 - e),
-                 or 1 for a structure the keep rule has locked on;
+                 or 1 for a structure the keep rule has locked on; with sample_fraction < 1 only the
+                 batch's first share of examples is drawn and the rest see the deterministic gates;
                  xi requires grad so that backward yields dL/dxi at the sample;
   deterministic  xi = 1[theta >= 0.5] (evaluation and export).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -39,6 +41,7 @@ class Gate(nn.Module):
         self.active = True  # False: frozen at theta = 1 (an ablation switched this kind off)
         self.explore = 0.05
         self.per_example = True
+        self.sample_fraction = 1.0  # share of a batch's examples drawn; the rest see the deterministic gates
         # Shared gate RNG: under data parallelism every rank holds the same generator and draws the
         # gates of the whole global batch, keeping its own slice (rank, world_size); the ranks then
         # train one consistent sample of networks and their generators never drift apart.
@@ -46,6 +49,7 @@ class Gate(nn.Module):
         self.shard: tuple[int, int] = (0, 1)
         self.xi: Tensor | None = None
         self.p_on: Tensor | None = None
+        self.drawn_rows = 0
 
     @property
     def size(self) -> int:
@@ -70,6 +74,12 @@ class Gate(nn.Module):
                                 generator=self.generator)  # (B * world, size) per example, else (1, size)
         if self.per_example and world > 1:
             draws = draws[rank * rows:(rank + 1) * rows]  # (B, size): this rank's slice of the global batch
+        self.drawn_rows = draws.shape[0]
+        if self.per_example and self.sample_fraction < 1.0:
+            # the rest of the batch trains the network the search points to, free of gate noise
+            self.drawn_rows = max(1, math.ceil(self.sample_fraction * rows))
+            kept = (self.keep_mask() | self.locked).to(draws.dtype)
+            draws = torch.cat([draws[:self.drawn_rows], kept.expand(rows - self.drawn_rows, self.size)])
         # xi stays float32 under autocast so that dL/dxi, the estimator's input, keeps full precision
         xi = draws.requires_grad_(True)
         self.xi, self.p_on = xi, p_on
@@ -84,14 +94,16 @@ class Gate(nn.Module):
     def trapezoid_grad(self) -> Tensor | None:
         """g_s = sum_n dL/dxi_ns / (2 P(xi_ns)). Its mean is (dL/dxi|0 + dL/dxi|1) / 2 for any theta.
 
-        The loss is a batch mean, so summing the per-example terms gives the batch-mean estimate.
+        The loss is a batch mean, so summing the per-example terms gives the batch-mean estimate; with
+        sample_fraction < 1 the sum runs over the drawn rows and is scaled up to the whole batch.
         Returns None when no sample was drawn (dense mode) or no gradient reached the gate.
         """
         if self.xi is None or self.xi.grad is None:
             return None
-        on = self.xi.detach() > 0.5
-        p_sample = torch.where(on, self.p_on, 1.0 - self.p_on)
-        return (self.xi.grad / (2.0 * p_sample)).sum(0)
+        drawn = self.xi.detach()[:self.drawn_rows]
+        p_sample = torch.where(drawn > 0.5, self.p_on, 1.0 - self.p_on)
+        estimate = (self.xi.grad[:self.drawn_rows] / (2.0 * p_sample)).sum(0)
+        return estimate if self.drawn_rows == self.xi.shape[0] else estimate * (self.xi.shape[0] / self.drawn_rows)
 
     def clear(self) -> None:
         self.xi = None

@@ -70,7 +70,7 @@ class Pruner:
         self.generator.manual_seed(seed)
         shard = (sync.rank, sync.world_size) if sync is not None else (0, 1)
         for gate in gates:
-            gate.explore = cfg.explore
+            gate.explore, gate.sample_fraction = cfg.explore, cfg.sample_fraction
             gate.per_example = cfg.sampling == "example"
             gate.active = self.enabled and (cfg.units if gate.kind == "unit" else cfg.layers)
             gate.generator, gate.shard = self.generator, shard

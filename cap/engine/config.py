@@ -192,6 +192,9 @@ def _check_ranges(cfg: Config) -> None:
     need(0 <= p.alpha <= 1, "prune.alpha", "0 <= alpha <= 1", p.alpha)
     need(0 <= p.beta <= 1, "prune.beta", "0 <= beta <= 1", p.beta)
     need(0 <= p.explore < 0.5, "prune.explore", "0 <= explore < 0.5", p.explore)
+    need(0 < p.sample_fraction <= 1, "prune.sample_fraction", "0 < sample_fraction <= 1", p.sample_fraction)
+    need(p.sample_fraction == 1 or p.sampling == "example", "prune.sample_fraction",
+         "1 with prune.sampling=batch (a share of the batch needs per-example gates)", p.sample_fraction)
     need(p.eta > 0, "prune.eta", "eta > 0", p.eta)
     need(p.warmup_epochs >= 0, "prune.warmup_epochs", ">= 0", p.warmup_epochs)
     need(p.check_every >= 1, "prune.check_every", ">= 1", p.check_every)
