@@ -11,7 +11,7 @@ import torch
 from cap.core.complexity import expected_cost
 from cap.core.config import PruneConfig
 from cap.core.gates import gates_of
-from cap.core.objective import ComplexityPenalty
+from cap.core.objective import ComplexityPenalty, ThetaSGD
 from cap.models import create_model
 
 _SPEC = importlib.util.spec_from_file_location("bench_step", Path(__file__).resolve().parents[1] / "tools" /
@@ -19,9 +19,10 @@ _SPEC = importlib.util.spec_from_file_location("bench_step", Path(__file__).reso
 bench_step = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(bench_step)
 
-PRUNER_OPS_RESNET56 = 1500
+PRUNER_OPS_RESNET56 = 1250
 """aten operators the pruner (before_forward + after_step) dispatches per sampling step of ResNet-56 (54 gates):
-2957 with gammas by autograd, 1394 with them in closed form (per-gate draws, estimator and theta step remain);
+2957 with gammas by autograd, 1394 with them in closed form, 1132 with the multi-tensor theta step and sums
+(per-gate draws and estimator remain);
 a bound, so that per-gate work cannot grow unnoticed"""
 
 
@@ -59,6 +60,41 @@ def test_a_sampling_step_reads_nothing_on_the_host_and_dispatches_a_bounded_numb
     assert step[bench_step.HOST_READ] == 0, "a per-step host read (bool/float/item of a tensor) is back"
     ops = bench_step.pruner_ops(bench)
     assert sum(ops.values()) <= PRUNER_OPS_RESNET56, ops.most_common(8)
+
+
+def _per_gate_reference_step(sgd: ThetaSGD, grads: dict, gammas: dict, finite, mean_sq: dict) -> dict:
+    """The theta step written one gate at a time, as the formula reads: the multi-tensor step must equal it."""
+    go = finite.to(torch.float32)
+    out = {}
+    for gate, g in grads.items():
+        scale = max(sgd.gamma0[gate], 1e-12)
+        if sgd.step_norm == "cost_noise":
+            sq = mean_sq.get(gate)
+            new = g * g if sq is None else sgd.RMS_DECAY * sq + (1 - sgd.RMS_DECAY) * g * g
+            mean_sq[gate] = new if sq is None else torch.where(finite, new, sq)
+            scale = torch.clamp(mean_sq[gate].sqrt(), min=scale)
+        out[gate] = gate.theta.clone().sub_(sgd.eta * (g + gammas[gate]) / scale * go).clamp_(0.0, 1.0)
+    return out
+
+
+@pytest.mark.parametrize("step_norm", ["cost", "cost_noise"])
+def test_the_multi_tensor_theta_step_equals_the_per_gate_formula_bit_for_bit(step_norm):
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_channels=1, input_size=28)
+    for gate in gates_of(model):
+        gate.theta.copy_(torch.rand(gate.size))
+    penalty = ComplexityPenalty(model, tau=0.6, alpha=0.5, beta=0.5)
+    sgd = ThetaSGD(penalty.gamma0, eta=0.3, step_norm=step_norm)  # a large step, so clamping happens too
+    reference_sq: dict = {}
+    for finite in (True, True, False, True):
+        grads = {g: torch.randn(g.size) for g in gates_of(model)}
+        gammas = penalty.gammas()
+        finite = torch.tensor(finite)
+        expected = _per_gate_reference_step(sgd, grads, gammas, finite, reference_sq)
+        sgd.step(grads, gammas, finite)
+        for gate, theta in expected.items():
+            assert torch.equal(gate.theta, theta), gate
+    assert any(float(g.theta.min()) == 0.0 for g in gates_of(model))
 
 
 def test_a_non_finite_step_is_skipped_on_the_device_and_counted():

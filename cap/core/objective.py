@@ -91,15 +91,29 @@ class ThetaSGD:
     def step(self, grads: dict[Gate, Tensor], gammas: dict[Gate, Tensor], finite: Tensor | None = None) -> None:
         """One step for every gate in `grads`. `finite` (a 0-d bool tensor, None = True) skips the step on the
         device, without a host read: the thetas and the RMS stay as they are."""
-        go = 1.0 if finite is None else finite.to(torch.float32)
-        for gate, g in grads.items():
-            scale: float | Tensor = max(self.gamma0[gate], 1e-12)
-            if self.step_norm == "cost_noise":
-                sq = self.mean_sq.get(gate)
-                new = g * g if sq is None else self.RMS_DECAY * sq + (1 - self.RMS_DECAY) * g * g
-                self.mean_sq[gate] = new if finite is None or sq is None else torch.where(finite, new, sq)
-                scale = torch.clamp(self.mean_sq[gate].sqrt(), min=scale)
-            gate.theta.sub_(self.eta * (g + gammas[gate]) / scale * go).clamp_(0.0, 1.0)
+        gates = list(grads)
+        if not gates:
+            return
+        scales: list = [max(self.gamma0[gate], 1e-12) for gate in gates]
+        if self.step_norm == "cost_noise":
+            scales = [self._noise_scale(gate, grads[gate], scale, finite)
+                      for gate, scale in zip(gates, scales, strict=True)]
+        # one multi-tensor operation per term for all gates, not a chain of small ones per gate
+        update = torch._foreach_add([grads[gate] for gate in gates], [gammas[gate] for gate in gates])
+        torch._foreach_mul_(update, self.eta)
+        torch._foreach_div_(update, scales)
+        if finite is not None:
+            torch._foreach_mul_(update, finite.to(torch.float32))
+        thetas = [gate.theta for gate in gates]
+        torch._foreach_sub_(thetas, update)
+        torch._foreach_clamp_min_(thetas, 0.0)
+        torch._foreach_clamp_max_(thetas, 1.0)
+
+    def _noise_scale(self, gate: Gate, g: Tensor, scale: float, finite: Tensor | None) -> Tensor:
+        sq = self.mean_sq.get(gate)
+        new = g * g if sq is None else self.RMS_DECAY * sq + (1 - self.RMS_DECAY) * g * g
+        self.mean_sq[gate] = new if finite is None or sq is None else torch.where(finite, new, sq)
+        return torch.clamp(self.mean_sq[gate].sqrt(), min=scale)
 
     def keep_only(self, gate: Gate, keep: Tensor) -> None:
         if gate in self.mean_sq:

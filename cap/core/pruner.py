@@ -252,7 +252,7 @@ class Pruner:
                                "skipped_steps": int(self.skipped_steps)}
         if self.enabled:
             m = self.monitor
-            out["monitor"] = {"grad_sum": {names[g]: t for g, t in m.grad_sum.items()},
+            out["monitor"] = {"grad_sum": {names[g]: t.clone() for g, t in m.grad_sum.items()},
                               "count": {names[g]: c for g, c in m.counts().items()},
                               "streak": {names[g]: t for g, t in m.streak.items()},
                               "keep_streak": {names[g]: t for g, t in m.keep_streak.items()}}

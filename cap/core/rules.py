@@ -52,8 +52,12 @@ class PruningMonitor:
     def observe(self, grads: dict[Gate, Tensor], finite: Tensor | None = None) -> None:
         """Add one step's gradients. A step that was not finite (`finite` False, its gradients zeroed) is counted
         on the device and taken off the step counts when they are read, so observing never reads the device."""
+        seen = [gate for gate in grads if gate in self.grad_sum]
+        if seen:  # one multi-tensor add for the running sums, not one per gate
+            torch._foreach_add_([self.grad_sum[gate] for gate in seen], [grads[gate] for gate in seen])
         for gate, g in grads.items():
-            self.grad_sum[gate] = self.grad_sum[gate] + g if gate in self.grad_sum else g
+            if gate not in self.grad_sum:
+                self.grad_sum[gate] = g.clone()  # owned: the sums are added to in place
             self.count[gate] = self.count.get(gate, 0) + 1
         if finite is not None:
             self.skipped = self.skipped + (~finite).long()
