@@ -48,12 +48,13 @@ def test_migrate_keeps_what_a_late_format_1_checkpoint_holds():
     old = old_payload()
     before = copy.deepcopy(old)
     new = migrate(old)
-    assert new["format"] == FORMAT == 3 and set(new) == PAYLOAD_KEYS
+    assert new["format"] == FORMAT == 4 and set(new) == PAYLOAD_KEYS
     assert new["meters"] == before["meters"] and new["meters"][0] == before["meter"]
     kept = {s: {k: v for k, v in new["config"][s].items() if k in before["config"][s]} if isinstance(v0, dict) else
             new["config"][s] for s, v0 in before["config"].items()}
     assert kept == before["config"], "a config that had every key of its time keeps its values"
     assert new["config"]["prune"]["target_macs"] is None and new["config"]["train"]["lr_rewind"] is None
+    assert new["config"]["prune"]["sample_fraction"] == 1.0
     assert new["pruner"]["state"]["multiplier"] == 1.0
     assert new["pruner"]["locked"].keys() == before["pruner"]["locked"].keys()
     assert all(torch.equal(new["pruner"]["locked"][k], t) for k, t in before["pruner"]["locked"].items())
@@ -78,7 +79,7 @@ def test_migrate_fills_in_what_early_format_1_checkpoints_lack():
 def test_migrate_of_the_current_format_and_of_unknown_ones():
     current = migrate(old_payload())
     assert migrate(current) is current
-    for bad in (0, 4, None):
+    for bad in (0, FORMAT + 1, None):
         with pytest.raises(CheckpointError, match=f"format {bad!r} is not supported"):
             migrate({**current, "format": bad})
 

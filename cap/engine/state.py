@@ -2,9 +2,9 @@
 
 A run is its `Parts` (data, model, optimiser, schedule, gradient scaler, pruner: built from the
 configuration, the same way again on resume) and its `Progress` (position, the running sums of the
-epoch, the records). A checkpoint payload of FORMAT 2 holds:
+epoch, the records). A checkpoint payload of the current FORMAT holds:
 
-    format           2
+    format           FORMAT
     config           the run's whole configuration (cap.engine.config.to_dict)
     world_size       processes of the run that wrote it
     arch             the network's architecture after surgery (cap.core.arch.architecture)
@@ -40,7 +40,7 @@ from cap.engine.distributed import DistContext, wrap_model
 from cap.engine.loop import AMP_DTYPES, make_scheduler, new_meter
 from cap.models import ArchitectureError, build_from_architecture, create_model, load_architecture
 
-FORMAT = 3
+FORMAT = 4
 """the checkpoint schema this code writes; `migrate` reads every older one"""
 
 
@@ -238,7 +238,14 @@ def _format_2_to_3(old: dict[str, Any]) -> dict[str, Any]:
     return {**old, "config": config, "pruner": pruner, "format": 3}
 
 
-_UPGRADES = {1: _format_1_to_2, 2: _format_2_to_3}
+def _format_3_to_4(old: dict[str, Any]) -> dict[str, Any]:
+    """prune.sample_fraction: every example drew its gates before it existed."""
+    config = {key: dict(value) if isinstance(value, dict) else value for key, value in old["config"].items()}
+    config["prune"] = {"sample_fraction": 1.0, **config.get("prune", {})}
+    return {**old, "config": config, "format": 4}
+
+
+_UPGRADES = {1: _format_1_to_2, 2: _format_2_to_3, 3: _format_3_to_4}
 """format n -> the function that turns a payload of format n into one of format n + 1"""
 
 
