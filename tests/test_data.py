@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -124,6 +125,19 @@ def test_idx_missing_files(tmp_path: Path) -> None:
         build_data(DataConfig(name="idx", root=str(tmp_path)), seed=0)
     with pytest.raises(DataError, match=r"apt-get install dataset-fashion-mnist"):
         build_data(DataConfig(name="fashion-mnist", root=str(tmp_path / "nowhere")), seed=0)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "cifar10", "cifar100"])
+def test_an_empty_root_names_each_expected_file_once(tmp_path: Path, name: str) -> None:
+    with pytest.raises(DataError) as info:
+        build_data(DataConfig(name=name, root=str(tmp_path)), seed=0)
+    message = str(info.value)
+    assert f"{tmp_path} holds none of" in message, message
+    files = {"cifar10": [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "cifar100": ["train", "test"]}
+    expected = files.get(name, ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                                "t10k-labels-idx1-ubyte"])
+    rest = message.replace(str(tmp_path), "")
+    assert all(len(re.findall(rf"\b{f}\b", rest)) == 1 for f in expected), message
 
 
 needs_fashion = pytest.mark.skipif(not FASHION_ROOT.is_dir(), reason="apt-get install dataset-fashion-mnist")
@@ -333,7 +347,7 @@ def test_cifar_errors(tmp_path: Path) -> None:
                                                          b"labels": [0, 1]}))
     with pytest.raises(DataError, match=r"data_batch_3: 3 images but 2 labels"):
         load_cifar("cifar10", tmp_path)
-    with pytest.raises(DataError, match=r"cifar100: .*lacks train, test"):
+    with pytest.raises(DataError, match=r"cifar100: .*holds none of train, test"):
         load_cifar("cifar100", tmp_path)
 
 

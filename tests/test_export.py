@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,104 @@ def test_torchscript_export_runs_without_cap(tmp_path):
         torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_exported_program_runs_without_cap(tmp_path):
+    """--format exported_program: a .pt2 that torch.export.load reads in a process that never imports cap,
+    with a dynamic batch, and outputs equal to the compact model's."""
+    kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 32}
+    model = pruned("resnet20", "every_stage", **kwargs)
+    set_gate_mode(model, "deterministic")
+    path = export(run_folder(tmp_path, model, "resnet20", kwargs), tmp_path / "ep", "exported_program")
+    assert path.name == "model.pt2"
+    code = (f"import sys, torch; m = torch.export.load({str(path)!r}).module(); "
+            f"xs = torch.load({str(tmp_path / 'x.pt')!r}); torch.save([m(x) for x in xs], {str(tmp_path / 'y.pt')!r}); "
+            "assert 'cap' not in sys.modules")
+    xs = [torch.randn(batch, 1, 32, 32) for batch in (1, 2, 5)]  # the batch dimension is dynamic
+    torch.save(xs, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    compact = load_compact(path.parent)
+    with torch.no_grad():
+        for x, y in zip(xs, torch.load(tmp_path / "y.pt"), strict=True):
+            assert torch.equal(y, compact(x))
+
+
+def option_a_pruned() -> torch.nn.Module:
+    """A hardened ResNet-20 with option-A shortcuts both in kept blocks and in a removed one."""
+    model = pruned("resnet20", "every_stage", num_classes=10, in_channels=1, input_size=32)
+    remove_block(model, model.stages[1][0])  # the first block of stage 2: its option-A shortcut alone is left
+    set_gate_mode(model, "deterministic")
+    return model
+
+
+def test_zero_pad_shortcut_is_option_a_bit_for_bit():
+    """The export's torch.cat shortcut computes exactly what the training model's F.pad shortcut does."""
+    from cap.core.blocks import OptionAShortcut
+    from cap.deploy.compact import ShortcutBlock, ZeroPadShortcut
+
+    for cin, cout, stride in ((16, 32, 2), (5, 12, 2), (4, 7, 1)):  # even and odd padding
+        option_a = OptionAShortcut(cin, cout, stride)
+        x = torch.randn(3, cin, 9, 9)
+        assert torch.equal(ZeroPadShortcut.from_option_a(option_a)(x), option_a(x))
+    model = option_a_pruned()
+    compact = compact_from_gated(model)
+    shortcuts = [b.shortcut for b in compact.blocks if isinstance(b.shortcut, ZeroPadShortcut)]
+    assert len(shortcuts) == 2 and isinstance(compact.blocks[2], ShortcutBlock)
+    assert not compact.blocks[2].needs_relu
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(compact(x), model(x))  # hardened: the gated network, bit for bit
+
+
+def test_torch_pruning_and_fx_trace_the_export(tmp_path):
+    """Other graph tools read the export: torch.fx traces it, and Torch-Pruning maps the residual streams
+    through the zero-pad shortcuts (F.pad made it fail with an IndexError) and prunes them further."""
+    tp = pytest.importorskip("torch_pruning")
+    kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 32}
+    compact = load_compact(export(run_folder(tmp_path, option_a_pruned(), "resnet20", kwargs), tmp_path / "o").parent)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(torch.fx.symbolic_trace(compact)(x), compact(x))
+    macs, params = count_macs_params(compact, 32, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TP notes the shortcut's zeros as parameters outside a known layer
+        graph = tp.DependencyGraph().build_dependency(compact, example_inputs=x)
+        # one stem channel runs through every stage's stream: TP follows it through both shortcuts
+        graph.get_pruning_group(compact.stem[0], tp.prune_conv_out_channels, idxs=[3]).prune()
+        assert (compact.stem[0].out_channels, compact.fc.in_features) == (15, 63)
+        pruner = tp.pruner.MetaPruner(compact, x, importance=tp.importance.GroupMagnitudeImportance(p=1),
+                                      pruning_ratio=0.25, ignored_layers=[compact.fc])
+        pruner.step()
+    assert compact(x).shape == (2, 10)
+    assert all(b.branch[0].out_channels < 16 * 2 ** (i // 3) for i, b in enumerate(compact.blocks)
+               if hasattr(b, "branch")), "every kept block's internal width is pruned further"
+    assert compact.fc.in_features < 63, "the last stream loses channels too (its zero-pad channels go first)"
+    assert count_macs_params(compact, 32, 1) < (macs, params)
+
+
+def test_old_exports_without_the_shortcut_zeros_still_load(exported):
+    """model.pt written before the zero-pad shortcut holds no zeros_front/zeros_back: they are filled in."""
+    state = torch.load(exported / "model.pt", weights_only=True)
+    reference = load_compact(exported)
+    torch.save({k: v for k, v in state.items() if ".zeros_" not in k}, exported / "model.pt")
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_compact(exported)(x), reference(x))
+
+
+def test_weights_that_do_not_fit_are_named_in_one_line(exported):
+    arch = json.loads((exported / "arch.json").read_text())
+    arch["blocks"][1].update(widths=[5])
+    (exported / "arch.json").write_text(json.dumps(arch))
+    with pytest.raises(ExportError) as info:
+        load_compact(exported)
+    message = str(info.value)
+    assert "\n" not in message and "loading state_dict" not in message, message
+    assert message.endswith("model.pt does not fit " + str(exported / "arch.json") + ": blocks.1.branch.0.weight "
+                            "is [1, 16, 3, 3] in the file, the structure needs [5, 16, 3, 3] (and 5 more)"), message
+    (exported / "model.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ExportError, match="model.pt is not a readable state_dict"):
+        load_compact(exported)
+
+
 @pytest.fixture()
 def exported(tmp_path) -> Path:
     kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 32}
@@ -174,6 +273,9 @@ def test_cli_export(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (folder / "export" / "model.onnx").is_file() and (folder / "export" / "arch.json").is_file()
     assert "MACs" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "cap", "export", str(folder), "--format", "exported_program"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and (folder / "export" / "model.pt2").is_file(), done.stderr
     bad = subprocess.run([sys.executable, "-m", "cap", "export", str(tmp_path / "nope")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "model.pt does not exist" in bad.stderr

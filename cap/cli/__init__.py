@@ -104,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     sync.set_defaults(func=_sync)
     exp = sub.add_parser("export", help="write the compact model of a finished run",
                          description="The run's deterministic network as plain conv/BN/linear layers: "
-                                     "arch.json + model.pt (state_dict), plus model.ts or model.onnx.")
+                                     "arch.json + model.pt (state_dict), plus model.ts, model.onnx or model.pt2.")
     exp.add_argument("run_dir", metavar="RUN_DIR")
-    exp.add_argument("--format", choices=["state_dict", "torchscript", "onnx"], default="state_dict")
+    exp.add_argument("--format", choices=["state_dict", "torchscript", "onnx", "exported_program"],
+                     default="state_dict")
     exp.add_argument("--out", help="output folder (default: RUN_DIR/export)")
     exp.add_argument("--round-to", type=int, metavar="K",
                      help="pad kept internal widths up to a multiple of K with zero channels (same outputs, "

@@ -64,6 +64,8 @@ def load_cifar(name: str, root: str | Path | None) -> InMemoryData:
     if not folder.is_dir():
         raise DataError(f"{name}: folder {folder} does not exist; expected {layout.folder} holding {names}")
     missing = [f for f in layout.train + layout.test if not (folder / f).is_file()]
+    if len(missing) == len(layout.train + layout.test):  # each name once (an empty folder lacks them all)
+        raise DataError(f"{name}: {folder} holds none of {names} (nor a subfolder {layout.folder} holding them)")
     if missing:
         raise DataError(f"{name}: {folder} lacks {', '.join(missing)}; expected {names} "
                         f"(or a subfolder {layout.folder} holding them)")

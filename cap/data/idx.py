@@ -95,6 +95,15 @@ def _pad(images: np.ndarray, path: Path) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def _check_present(name: str, root: Path, paths: dict[str, Path | None], hint: str) -> None:
+    missing = [FILES[key] for key, path in paths.items() if path is None]
+    if len(missing) == len(FILES):  # each name once (an empty folder lacks them all)
+        raise DataError(f"{name}: {root} holds none of {_expected_files()}{hint}")
+    if missing:
+        raise DataError(f"{name}: {root} lacks {', '.join(f'{m}[.gz]' for m in missing)}; "
+                        f"expected {_expected_files()}{hint}")
+
+
 def load_idx(name: str, root: str | Path | None) -> InMemoryData:
     """Read and check the four IDX files of `name` (fashion-mnist, mnist, kmnist or idx) from `root`.
 
@@ -111,10 +120,7 @@ def load_idx(name: str, root: str | Path | None) -> InMemoryData:
         raise DataError(f"{name}: folder {root} does not exist; expected it to hold "
                         f"{_expected_files()}{hint}")
     paths = {key: _locate(root, stem) for key, stem in FILES.items()}
-    missing = [FILES[key] for key, path in paths.items() if path is None]
-    if missing:
-        raise DataError(f"{name}: {root} lacks {', '.join(f'{m}[.gz]' for m in missing)}; "
-                        f"expected {_expected_files()}{hint}")
+    _check_present(name, root, paths, hint)
     arrays = {}
     for key, path in paths.items():
         data = read_file(path)

@@ -4,9 +4,11 @@
 theta < 0.5, blocks whose layer theta < 0.5; nothing when the run hardened) and rebuilds the net from
 standard modules: stem, then per block position either `PlainBlock` (relu(shortcut(x) + branch(x)),
 branch = conv-BN-ReLU-...-conv-BN) or `ShortcutBlock` (relu(shortcut(x)) where the block was removed),
-mean pooling, linear. No gate code is left. cap.deploy.export writes arch.json (the surviving structure)
-with the weights as a state_dict, TorchScript or ONNX; `load_compact(dir)` rebuilds the module from
-arch.json and loads the state_dict with weights_only=True (no module is unpickled).
+mean pooling, linear. No gate code is left; option-A shortcuts become `ZeroPadShortcut` (the same zeros,
+built with torch.cat so that graph tools such as Torch-Pruning can map its channels). cap.deploy.export
+writes arch.json (the surviving structure) with the weights as a state_dict, TorchScript, ONNX or an
+ExportedProgram; `load_compact(dir)` rebuilds the module from arch.json and loads the state_dict with
+weights_only=True (no module is unpickled).
 
 `round_to=k` pads every kept internal width up to a multiple of k (tensor-core friendly shapes) with
 zero channels whose BN scale and shift are 0: the outputs are unchanged (no accuracy cost), MACs and
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,35 @@ class ExportError(ValueError):
     """A run folder, arch.json or weights file cannot give a compact model; the message says what is wrong."""
 
 
+class ZeroPadShortcut(nn.Module):
+    """The option-A shortcut (subsample by `stride`, zero channels before and after) as graph tools read it.
+
+    cap.core.blocks.OptionAShortcut pads with F.pad, which Torch-Pruning treats as element-wise: it chains
+    every stage's residual stream into one group and fails (IndexError). Here the zeros are parameters
+    concatenated with torch.cat, so a tool maps each output channel to an input channel or to a zero it can
+    drop. The outputs are bit-for-bit those of F.pad. The zeros are constants of the method, not learned:
+    count_macs_params does not count them, and they should be frozen if the exported model is fine-tuned."""
+
+    def __init__(self, stride: int, front: int, back: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.zeros_front = nn.Parameter(torch.zeros(1, front, 1, 1))
+        self.zeros_back = nn.Parameter(torch.zeros(1, back, 1, 1))
+
+    @classmethod
+    def from_option_a(cls, shortcut: OptionAShortcut) -> ZeroPadShortcut:
+        return cls(shortcut.stride, shortcut.pad // 2, shortcut.pad - shortcut.pad // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        n, _, h, w = x.shape
+        return torch.cat([self.zeros_front.expand(n, -1, h, w), x, self.zeros_back.expand(n, -1, h, w)], 1)
+
+
+def _plain_shortcut(shortcut: nn.Module, device: torch.device) -> nn.Module:
+    return ZeroPadShortcut.from_option_a(shortcut).to(device) if isinstance(shortcut, OptionAShortcut) else shortcut
+
+
 class PlainBlock(nn.Module):
     def __init__(self, branch: nn.Sequential, shortcut: nn.Module) -> None:
         super().__init__()
@@ -49,13 +81,13 @@ class ShortcutBlock(nn.Module):
     """A removed block: only its shortcut is left.
 
     The gated network computes relu(shortcut(x)). A block's input is always a ReLU output (the stem and
-    every block end in one), and the identity and option-A shortcuts (subsample, zero-pad) keep x >= 0, so
+    every block end in one), and the identity and zero-pad shortcuts (subsample, zero-pad) keep x >= 0, so
     for them the ReLU is a no-op and is left out: a removed identity block costs nothing at inference."""
 
     def __init__(self, shortcut: nn.Module) -> None:
         super().__init__()
         self.shortcut = shortcut
-        self.needs_relu = not isinstance(shortcut, (nn.Identity, OptionAShortcut))
+        self.needs_relu = not isinstance(shortcut, (nn.Identity, ZeroPadShortcut))
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.shortcut(x)
@@ -98,17 +130,18 @@ def compact_from_gated(model: nn.Module, round_to: int | None = None) -> Compact
     """A plain copy of `model`'s deterministic network (the gated model itself is left untouched)."""
     model = copy.deepcopy(model).eval()
     drop_switched_off(model)
+    device = model.fc.weight.device
     plain: list[nn.Module] = []
     for _, _, block in model.block_slots():
         if block.is_removed:
-            plain.append(ShortcutBlock(block.shortcut))
+            plain.append(ShortcutBlock(_plain_shortcut(block.shortcut, device)))
             continue
         if round_to:
             _pad_widths(block, round_to)
         layers: list[nn.Module] = []
         for conv, bn, gate in block.stages():
             layers += [conv, bn] + ([nn.ReLU()] if gate is not None else [])
-        plain.append(PlainBlock(nn.Sequential(*layers), block.shortcut))
+        plain.append(PlainBlock(nn.Sequential(*layers), _plain_shortcut(block.shortcut, device)))
     return CompactResNet(model.stem, plain, model.fc).eval()
 
 
@@ -142,12 +175,14 @@ def build_compact(arch: dict[str, Any]) -> CompactResNet:
 
 
 def count_macs_params(model: nn.Module, input_size: int, in_channels: int) -> tuple[int, int]:
-    """MACs of one image (torch's FlopCounterMode counts 2 FLOPs per MAC) and the parameter count."""
+    """MACs of one image (torch's FlopCounterMode counts 2 FLOPs per MAC) and the parameter count (without
+    the constant zeros of ZeroPadShortcut, as training counts the option-A shortcut: no parameters)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, in_channels, input_size, input_size))
-    return counter.get_total_flops() // 2, sum(p.numel() for p in model.parameters())
+    zeros = {id(p) for m in model.modules() if isinstance(m, ZeroPadShortcut) for p in m.parameters()}
+    return counter.get_total_flops() // 2, sum(p.numel() for p in model.parameters() if id(p) not in zeros)
 
 
 def load_run_model(run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -171,10 +206,38 @@ def load_compact(path: str | Path) -> CompactResNet:
     model = build_compact(arch)
     try:
         state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
     except FileNotFoundError as exc:
         raise ExportError(f"{folder}/model.pt does not exist") from exc
-    except RuntimeError as exc:
-        raise ExportError(f"{folder}/model.pt does not fit {folder}/arch.json: {str(exc).splitlines()[0]} "
-                          f"{' '.join(str(exc).split()[1:12])} ...") from exc
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+        raise ExportError(f"{folder}/model.pt is not a readable state_dict ({str(exc).splitlines()[0]}); "
+                          "export the run again") from exc
+    if not isinstance(state, dict):
+        raise ExportError(f"{folder}/model.pt holds a {type(state).__name__}, not a state_dict; export the run again")
+    for name, zeros in model.state_dict().items():  # exports written before ZeroPadShortcut lack its zeros
+        if ".zeros_" in name:
+            state.setdefault(name, zeros)
+    mismatch = _state_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise ExportError(f"{folder}/model.pt does not fit {folder}/arch.json: {mismatch}")
+    model.load_state_dict(state)
     return model.eval()
+
+
+def _state_mismatch(want: dict[str, Tensor], got: dict[str, Any]) -> str | None:
+    """The first difference between the state_dict a structure needs and the one a file holds, in one line."""
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    shapes = [k for k in want if k in got and (not isinstance(got[k], Tensor) or got[k].shape != want[k].shape)]
+
+    def more(names: list[str]) -> str:
+        return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+    if shapes:
+        k = shapes[0]
+        found = list(got[k].shape) if isinstance(got[k], Tensor) else type(got[k]).__name__
+        return f"{k} is {found} in the file, the structure needs {list(want[k].shape)}{more(shapes)}"
+    if missing:
+        return f"the file lacks {missing[0]}{more(missing)}"
+    if extra:
+        return f"the file has {extra[0]}, which the structure does not{more(extra)}"
+    return None

@@ -16,11 +16,11 @@ from cap.deploy.compact import (
     load_run_model,
 )
 
-FORMATS = ("state_dict", "torchscript", "onnx")
+FORMATS = ("state_dict", "torchscript", "onnx", "exported_program")
 
 
 def export(run_dir: str | Path, out_dir: str | Path, fmt: str = "state_dict", round_to: int | None = None) -> Path:
-    """Write out_dir/arch.json plus model.pt (state_dict), model.ts (TorchScript) or model.onnx."""
+    """Write out_dir/arch.json plus model.pt (state_dict), model.ts (TorchScript), model.onnx or model.pt2."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if round_to is not None and round_to < 1:
@@ -44,4 +44,9 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str = "state_dict", ro
                           output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
                           dynamo=False)
         return out / "model.onnx"
+    if fmt == "exported_program":  # torch.export, TorchScript's successor (torch.export.load reads it); dynamic batch
+        program = torch.export.export(compact, (torch.zeros(2, channels, size, size),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(program, out / "model.pt2")
+        return out / "model.pt2"
     return out / "model.pt"
