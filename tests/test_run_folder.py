@@ -79,6 +79,11 @@ def test_out_on_a_run_folder_is_refused_and_overwrite_replaces_the_run_whole(fin
 def test_overwrite_from_the_command_line(finished, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
+    before = files_of(out)
+    failed = cap("train", "--config", "configs/smoke.yaml", "--out", str(out), "--overwrite", *TINY,
+                 f"data.root={tmp_path / 'no-data'}")
+    assert failed.returncode == 2 and "no-data" in failed.stderr, failed.stderr
+    assert files_of(out) == before, "a run that fails before it starts must not remove the old one"
     done = cap("train", "--config", "configs/smoke.yaml", "--out", str(out), "--overwrite", *TINY, "train.epochs=1",
                "prune.tau=0.3")
     assert done.returncode == 0, done.stderr
@@ -96,6 +101,7 @@ def test_a_bad_out_fails_before_the_data_loads(tmp_path, where, message):
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"error: --out {out} {message}") and "Traceback" not in done.stderr
     assert (tmp_path / "a_file").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"], "a refused run writes nothing"
 
 
 @pytest.mark.parametrize("content,problem", [("", "is empty"), ("model: {name: [resnet20\n", "is not valid YAML"),

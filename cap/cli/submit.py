@@ -40,7 +40,7 @@ def _train_job(args: list[str]) -> tuple[Any, Path, str, str]:
     """(TrainJob, run folder, MLflow uri, experiment) from `cap train`'s own arguments."""
     from cap.cli import build_parser as cap_parser
     from cap.engine.config import ConfigError, load_config, to_dict
-    from cap.engine.run_folder import prepare_run_folder
+    from cap.engine.run_folder import check_run_folder, start_run_folder
     from cap.engine.saved_config import load_run_config, restore_config
     from cap.launch.jobs import TrainJob
     from cap.tracking import resolve_uri
@@ -63,7 +63,9 @@ def _train_job(args: list[str]) -> tuple[Any, Path, str, str]:
     from cap.engine.run import default_run_dir
 
     run_dir = Path(ns.out or default_run_dir(cfg)).resolve()
-    prepare_run_folder(run_dir, ns.overwrite)  # refused (or cleared, with --overwrite) before anything is queued
+    check_run_folder(run_dir, ns.overwrite)  # refused before anything is queued
+    if ns.overwrite:  # now, or the job would find the old run's checkpoints and resume it
+        start_run_folder(run_dir, overwrite=True)
     return TrainJob(to_dict(cfg), str(run_dir)), run_dir, cfg.tracking.uri, cfg.tracking.experiment
 
 

@@ -31,7 +31,7 @@ from cap.engine.config import Config, TrainConfig, to_dict
 from cap.engine.distributed import DistContext, init_distributed
 from cap.engine.loop import EPOCH_METRICS, averages, epoch_line, evaluate, make_scheduler, new_meter, train_one_epoch
 from cap.engine.outputs import RunResult, write_outputs
-from cap.engine.run_folder import RunFolderError, prepare_run_folder
+from cap.engine.run_folder import RunFolderError, check_run_folder, start_run_folder
 from cap.engine.saved_config import load_run_config
 from cap.engine.state import Parts, Progress, build_parts, fresh_progress, load, restore, save, snapshot
 
@@ -129,7 +129,7 @@ def _shared_run_dir(ctx: DistContext, out_dir: Path | None, cfg: Config, overwri
     problem = None
     if ctx.is_main:
         try:
-            prepare_run_folder(run_dir, overwrite)
+            check_run_folder(run_dir, overwrite)
         except RunFolderError as exc:
             problem = str(exc)
     run_dir, problem = ctx.broadcast_object((str(run_dir), problem))
@@ -138,9 +138,9 @@ def _shared_run_dir(ctx: DistContext, out_dir: Path | None, cfg: Config, overwri
     return Path(run_dir)
 
 
-def _write_config(ctx: DistContext, run_dir: Path, cfg: Config) -> None:
+def _write_config(ctx: DistContext, run_dir: Path, cfg: Config, overwrite: bool) -> None:
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        start_run_folder(run_dir, overwrite)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
@@ -299,7 +299,7 @@ def _train_in(ctx: DistContext, device: torch.device, cfg: Config, out_dir: Path
         progress = restore(parts, saved)
     else:  # a resumed run keeps the config.yaml it was started with
         progress = fresh_progress(parts)
-        _write_config(ctx, run_dir, cfg)
+        _write_config(ctx, run_dir, cfg, overwrite)
     tracker = _open_tracker(cfg, run_dir, ctx, progress.tracking_run_id, log)
     opened.append(tracker)
     _log_params_of_new_run(tracker, cfg, ctx, progress.tracking_run_id)

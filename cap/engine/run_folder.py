@@ -2,8 +2,9 @@
 
 A folder that already holds a run (its config.yaml, checkpoints or results) is refused unless the user asks to
 overwrite it: writing a second run into it would replace the first one's results and leave its `prev.pt` beside
-the new `last.pt`, so a resume could mix the two. With overwrite, the first run's files are removed before the
-new run starts; its tracking files stay (cap.tracking sets an unsent queue aside for `cap sync`).
+the new `last.pt`, so a resume could mix the two. With overwrite, the first run's files are removed once the new
+run's data and model are built (a run that fails before removes nothing); its tracking files stay (cap.tracking
+sets an unsent queue aside for `cap sync`). The checks write nothing, so a refused run leaves no folder behind.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ def run_files(path: Path) -> list[str]:
     return [name for name in _MARKERS if (path / name).exists()]
 
 
-def prepare_run_folder(path: Path, overwrite: bool = False) -> None:
-    """Create `path` for a new run, or refuse it: a file, a folder that cannot be written, a folder that holds a
-    run (unless `overwrite`: then that run's files are removed first)."""
+def check_run_folder(path: Path, overwrite: bool = False) -> None:
+    """Refuse `path` for a new run, before any work and without writing anything: a file, a place that cannot be
+    written, a folder that holds a run (unless `overwrite`)."""
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"--out {path} is a file, not a folder: give a folder for the run")
     found = run_files(path) if path.is_dir() else []
@@ -41,15 +42,23 @@ def prepare_run_folder(path: Path, overwrite: bool = False) -> None:
         raise RunFolderError(f"--out {path} already holds a run ({', '.join(found)}): continue it with "
                              f"`cap train --resume {path}`, give a new --out folder, or pass --overwrite to "
                              "replace that run")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())  # where the folder would be made
+    if not existing.is_dir():
+        raise RunFolderError(f"--out {path} cannot be written: {existing} is a file; give a folder you can write to")
+    probe = existing / f".cap-write-test-{os.getpid()}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".cap-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise RunFolderError(f"--out {path} cannot be written: {exc.strerror or exc} "
-                             f"({exc.filename or path}); give a folder you can write to") from exc
-    for name in RUN_FILES if found else ():
+        raise RunFolderError(f"--out {path} cannot be written: {exc.strerror or exc} in {existing}; give a folder "
+                             "you can write to") from exc
+
+
+def start_run_folder(path: Path, overwrite: bool = False) -> None:
+    """Create `path` for a run that passed `check_run_folder`; with `overwrite`, first remove the files of the
+    run it held (done once the new run's data and model are built, so a run that fails early removes nothing)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES if overwrite else ():
         target = path / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
