@@ -138,3 +138,18 @@ def test_resume_of_a_finished_run_says_so_and_exits_0(finished, tmp_path):
     assert f"{out} has finished all 2 epochs: nothing to resume" in done.stdout
     assert "epoch 3" not in done.stdout and "resuming" not in done.stdout
     assert files_of(out) == before
+
+
+def test_an_edited_config_yaml_is_named_with_the_keys_that_differ(stopped, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stopped, out)
+    raw = yaml.safe_load((out / "config.yaml").read_text())
+    raw["prune"]["tau"] = 0.5
+    (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    before = files_of(out)
+    refused = cap("train", "--resume", str(out))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "no usable checkpoint" in refused.stderr
+    assert "belongs to another run: prune.tau is 0.8 in it, 0.5 in config.yaml" in refused.stderr
+    assert f"cap train --resume {out} --restore-config" in refused.stderr
+    assert files_of(out) == before

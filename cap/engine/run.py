@@ -109,6 +109,8 @@ def _resume_payload(run_dir: Path, cfg: Config, log: Log) -> dict[str, Any]:
     try:
         saved, path = load(run_dir / CHECKPOINT_DIR, log, cfg)
     except CheckpointError as exc:
+        if "belongs to another run" not in str(exc):
+            raise
         raise CheckpointError(f"{exc}. If {run_dir / 'config.yaml'} was edited, put back the configuration "
                               f"the run was started with: cap train --resume {run_dir} --restore-config") from exc
     position = saved["position"]
