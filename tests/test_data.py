@@ -419,3 +419,23 @@ def test_imagenet_errors(tmp_path: Path) -> None:
     (root / "val" / "n04").mkdir()
     with pytest.raises(DataError, match=r"differ: only in train \['n03'\], only in val \['n04'\]"):
         build_data(imagenet_cfg(root), seed=0)
+
+
+def test_a_ctrl_c_leaves_the_imagenet_loader_workers_alive(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches every process of the group; the trainer checkpoints at the next step, which
+    needs the loader's workers (a worker that died of it fails the run)."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    bundle = build_data(imagenet_cfg(make_imagenet(tmp_path), workers=2), seed=0)
+    batches = iter(bundle.train)
+    next(batches)
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGINT)
+    time.sleep(1.0)
+    assert all(w.is_alive() for w in workers)
+    assert len([*batches, *bundle.train]) == 2 * len(bundle.train) - 1  # this epoch's rest and the next epoch

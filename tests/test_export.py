@@ -342,3 +342,43 @@ def test_training_a_pruned_architecture_from_scratch(tmp_path):
     assert summary["layers_kept"] == sum(1 for b in compact.blocks if b.__class__.__name__ == "PlainBlock")
     trained = torch.load(tmp_path / "scratch" / "model.pt", weights_only=True)["state_dict"]
     assert not torch.equal(trained["stem.0.weight"], model.state_dict()["stem.0.weight"]), "fresh weights"
+
+
+def test_a_failed_export_leaves_the_earlier_one_intact(tmp_path):
+    kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 32}
+    model = pruned("resnet20", "every_stage", **kwargs)
+    folder = run_folder(tmp_path, model, "resnet20", kwargs)
+    good = subprocess.run([sys.executable, "-m", "cap", "export", str(folder)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert good.returncode == 0, good.stderr
+    before = {p.name: p.read_bytes() for p in (folder / "export").iterdir()}
+    bad = subprocess.run([sys.executable, "-m", "cap", "export", str(folder), "--round-to", "64"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr  # 64 is past stage 1's dense width
+    assert {p.name: p.read_bytes() for p in (folder / "export").iterdir()} == before
+    load_compact(folder / "export")
+    assert sorted(p.name for p in folder.iterdir()) == ["export", "model.pt"], "no temporary folder may stay"
+
+
+def test_an_export_replaces_the_earlier_one_whole(tmp_path):
+    kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 32}
+    folder = run_folder(tmp_path, pruned("resnet20", "one_unit", **kwargs), "resnet20", kwargs)
+    export(folder, tmp_path / "out", "torchscript")
+    export(folder, tmp_path / "out", round_to=8)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["arch.json", "model.pt"], \
+        "a model.ts of the earlier export must not sit beside the new arch.json"
+    assert all(w % 8 == 0 for b in json.loads((tmp_path / "out" / "arch.json").read_text())["blocks"]
+               if not b["removed"] for w in b["widths"])
+
+
+def test_export_into_a_folder_of_other_files_or_a_file_is_refused(tmp_path):
+    kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 32}
+    folder = run_folder(tmp_path, pruned("resnet20", "one_unit", **kwargs), "resnet20", kwargs)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match=r"holds files that are not an export \(notes.txt\)"):
+        export(folder, tmp_path / "mine")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    with pytest.raises(ExportError, match="is a file"):
+        export(folder, tmp_path / "mine" / "notes.txt")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -224,3 +224,141 @@ def test_a_run_checkpointed_before_the_keep_rule_resumes_without_it(tmp_path):
     summary = resume(out, log=lambda _: None)
     assert summary["theta_locked"] == 0, "the old run must not switch to the keep rule half-way"
     assert summary["theta_undecided"] > 0  # without the rule thetas are still walking (this config never hardens)
+
+
+# ---------------------------------------------------------------------------- Ctrl-C, full disks, foreign files
+TINY = ["data.train_subset=300", "data.test_subset=100", "train.max_steps_per_epoch=3", "train.progress=false",
+        "tracking.enabled=false", "prune.warmup_epochs=0"]
+
+
+def test_a_first_ctrl_c_asks_for_a_stop_and_a_second_interrupts_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signal_name == "SIGINT"  # no KeyboardInterrupt: the step finishes
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_checkpoints_exits_130_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cap", "train", "--config", "configs/smoke.yaml", "--out", str(out),
+           "train.epochs=2", "tracking.enabled=false", "train.progress=true"]  # the bar is drawn, then cleared
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/2"):
+            time.sleep(2.0)  # well inside epoch 2
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    stop_line = next(line for line in stderr.split("\n") if "stopped by SIGINT" in line)
+    assert stop_line.startswith("stopped by SIGINT in epoch 2 after step"), repr(stop_line)  # its own line
+    assert stop_line.endswith(f"continue with: cap train --resume {out}")
+    step = read_checkpoint(out / CHECKPOINT_DIR / "last.pt")["position"]["step_in_epoch"]
+    assert 0 < step < 46, f"expected a mid-epoch stop, got step {step}"
+    done = subprocess.run([sys.executable, "-m", "cap", "train", "--resume", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"epoch 2, step {step}" in done.stdout and (out / "summary.json").is_file()
+
+
+@pytest.fixture()
+def small_disk(tmp_path, monkeypatch) -> Path:
+    """A folder on a 3 MiB tmpfs: room for one checkpoint of a TINY run (2.2 MB), not for two. Where mounting is
+    not allowed, a patched write that fails with ENOSPC once 3 MiB were written through it."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)],
+                                 capture_output=True).returncode == 0
+    except OSError:  # no mount command
+        mounted = False
+    if not mounted:
+        import builtins
+        import errno
+
+        import cap.engine.checkpoint as checkpoint
+
+        budget = [3 * 2**20]
+
+        class Full:
+            def __init__(self, f):
+                self.f = f
+
+            def write(self, data: bytes) -> int:
+                room = max(budget[0], 0)
+                budget[0] -= len(data)
+                self.f.write(data[:room])
+                if len(data) > room:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return len(data)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+        monkeypatch.setattr(checkpoint, "open", lambda *a, **k: Full(builtins.open(*a, **k)), raising=False)
+    yield folder
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary(small_disk):
+    from cap.engine.checkpoint import DiskFullError
+
+    (small_disk / ".last.pt.tmp-999999").write_bytes(b"x" * 1000)  # left by a writer that died
+    save_checkpoint({"w": torch.ones(2**18)}, small_disk)  # 1 MiB
+    assert not list(small_disk.glob(".last.pt.tmp-*")), "a dead writer's temporary is removed by the next write"
+    before = (small_disk / "last.pt").read_bytes()
+    with pytest.raises(DiskFullError) as raised:
+        save_checkpoint({"w": torch.ones(2**20)}, small_disk)  # 4 MiB
+    message = str(raised.value)
+    assert f"no space left on the device of {small_disk} for a checkpoint: it needs 4.0 MiB free" in message
+    assert "MiB are free" in message and f"last good checkpoint is intact ({small_disk / 'last.pt'})" in message
+    assert (small_disk / "last.pt").read_bytes() == before
+    assert not (small_disk / "prev.pt").exists()
+    assert sorted(p.name for p in small_disk.iterdir()) == ["last.pt"], "no temporary may stay behind"
+
+
+def test_disk_full_during_training_says_so_and_the_run_resumes_after(small_disk, capsys):
+    from cap.cli import main
+
+    out = small_disk / "run"
+    code = main(["train", "--config", "configs/smoke.yaml", "--out", str(out), "train.epochs=2", *TINY])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.startswith(f"error: no space left on the device of {out / CHECKPOINT_DIR} for a checkpoint")
+    assert f"continue with: cap train --resume {out}" in err and "Traceback" not in err
+    assert sorted(p.name for p in (out / CHECKPOINT_DIR).iterdir()) == ["last.pt"]
+    assert read_checkpoint(out / CHECKPOINT_DIR / "last.pt")["position"]["epoch"] == 1  # epoch 1's, intact
+
+
+@pytest.mark.slow
+def test_a_last_pt_of_another_model_falls_back_to_prev_pt_and_says_why(tmp_path):
+    out, other = tmp_path / "run", tmp_path / "other"
+
+    def stop_after_epoch_2(line: str) -> None:
+        if line.startswith("epoch 2/3"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted):
+        run(load_config("configs/smoke.yaml", [*TINY, "train.epochs=3"]), out, log=stop_after_epoch_2)
+    run(load_config("configs/smoke.yaml", [*TINY, "train.epochs=1", "model.name=resnet32"]), other,
+        log=lambda _: None)
+    (other / CHECKPOINT_DIR / "last.pt").replace(out / CHECKPOINT_DIR / "last.pt")
+    lines: list[str] = []
+    summary = resume(out, log=lines.append)
+    assert lines[0].startswith(f"warning: checkpoint {out / CHECKPOINT_DIR / 'last.pt'} belongs to another run: "
+                               "model.name is 'resnet32' in it, 'resnet20' in config.yaml;")
+    assert lines[0].endswith("; trying the previous checkpoint")
+    assert f"resuming {out} from {out / CHECKPOINT_DIR / 'prev.pt'}: epoch 2, step 0" in lines
+    assert summary["model"] == "resnet20" and summary["epochs"] == 3

@@ -12,36 +12,52 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from cap.engine.config import ConfigError, load_config
 from cap.launch import EXIT_PREEMPTED
 
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, what a shell reports for a Ctrl-C'd command"""
+
 
 def _train(args: argparse.Namespace) -> int:
     from cap.data import DataError
-    from cap.engine.checkpoint import CheckpointError
+    from cap.engine.checkpoint import CheckpointError, DiskFullError
     from cap.engine.distributed import RankMismatchError
     from cap.engine.run import Preempted, TrainingDiverged, resume, run
+    from cap.engine.saved_config import restore_config
 
     try:
         if args.resume is not None:
-            if args.config is not None or args.out is not None or args.overrides:
+            if args.config is not None or args.out is not None or args.overrides or args.overwrite:
                 raise ConfigError("--resume continues a run with the configuration it was started with; "
-                                  "--config, --out and key=value overrides cannot be combined with it")
+                                  "--config, --out, --overwrite and key=value overrides cannot be combined with it")
+            if args.restore_config:
+                if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would rewrite the same file
+                    raise ConfigError("--restore-config rewrites a file: run it once without torchrun "
+                                      "(`cap train --resume RUN_DIR --restore-config`), then resume under torchrun")
+                restore_config(Path(args.resume))
             resume(args.resume)
         else:
-            run(load_config(args.config, args.overrides), args.out)
+            if args.restore_config:
+                raise ConfigError("--restore-config goes with --resume RUN_DIR")
+            run(load_config(args.config, args.overrides), args.out, overwrite=args.overwrite)
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (RankMismatchError, TrainingDiverged) as exc:
+    except (RankMismatchError, TrainingDiverged, DiskFullError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Preempted as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_PREEMPTED
+        print(f"\n{exc}", file=sys.stderr)  # on a line of its own, not after the progress bar's cleared line
+        return EXIT_INTERRUPTED if exc.signal_name == "SIGINT" else EXIT_PREEMPTED
+    except KeyboardInterrupt:  # a Ctrl-C before training began, or the second one
+        print("\ninterrupted: stopped at once; the run folder keeps its last checkpoint, if it had one",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -94,7 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="experiment YAML (keys: see docs/config.md); defaults apply without it")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue the run in RUN_DIR from its newest good checkpoint (same process count)")
-    train.add_argument("--out", help="run folder (default: runs/<time>-<model>-<data>-tau<tau>)")
+    train.add_argument("--out", help="run folder (default: runs/<time>-<model>-<data>-tau<tau>); one that holds "
+                                     "a run already is refused unless --overwrite")
+    train.add_argument("--overwrite", action="store_true",
+                       help="with --out: remove the run that folder holds (its checkpoints and results) first")
+    train.add_argument("--restore-config", action="store_true",
+                       help="with --resume: write config.yaml back from the configuration stored in the newest "
+                            "good checkpoint (the old file is kept as config.yaml.replaced-<time>)")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, e.g. prune.tau=0.5 prune.alpha=1 train.epochs=4 seed=1")
     train.set_defaults(func=_train)

@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_job(args: list[str]) -> tuple[Any, Path, str, str]:
     """(TrainJob, run folder, MLflow uri, experiment) from `cap train`'s own arguments."""
     from cap.cli import build_parser as cap_parser
-    from cap.engine.config import ConfigError, load_config, load_saved_config, to_dict
+    from cap.engine.config import ConfigError, load_config, to_dict
+    from cap.engine.run_folder import check_run_folder, start_run_folder
+    from cap.engine.saved_config import load_run_config, restore_config
     from cap.launch.jobs import TrainJob
     from cap.tracking import resolve_uri
 
@@ -48,10 +50,12 @@ def _train_job(args: list[str]) -> tuple[Any, Path, str, str]:
         if ns.config or ns.out or ns.overrides:
             raise ConfigError("train --resume RUN_DIR takes no --config, --out or overrides")
         run_dir = Path(ns.resume).resolve()
-        if not (run_dir / "config.yaml").is_file():
+        if not (run_dir / "config.yaml").is_file() and not ns.restore_config:
             raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
+        if ns.restore_config:  # done here, once, not by every task of the job
+            restore_config(run_dir)
         # validated, and a legacy one completed, as `cap train --resume` will read it in the job
-        cfg = load_saved_config(run_dir / "config.yaml")
+        cfg = load_run_config(run_dir)
         return TrainJob(None, str(run_dir)), run_dir, resolve_uri(cfg.tracking.uri), cfg.tracking.experiment
     cfg = load_config(ns.config, ns.overrides)  # a bad key or value fails here, before anything is queued
     # the default store (./mlflow.db) is resolved against the submit directory, not wherever a node runs
@@ -59,6 +63,9 @@ def _train_job(args: list[str]) -> tuple[Any, Path, str, str]:
     from cap.engine.run import default_run_dir
 
     run_dir = Path(ns.out or default_run_dir(cfg)).resolve()
+    check_run_folder(run_dir, ns.overwrite)  # refused before anything is queued
+    if ns.overwrite:  # now, or the job would find the old run's checkpoints and resume it
+        start_run_folder(run_dir, overwrite=True)
     return TrainJob(to_dict(cfg), str(run_dir)), run_dir, cfg.tracking.uri, cfg.tracking.experiment
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,6 +104,12 @@ class ShardedLoader:
         return iter(self.loader)
 
 
+def _leave_ctrl_c_to_the_trainer(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches the loader's workers too; the trainer stops at the next step and checkpoints,
+    which needs the workers alive (one that died of the KeyboardInterrupt would end the run with an error)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_imagenet(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Training, validation and calibration loaders over root/train and root/val, training and validation
     sharded over the ranks (validation without repeats: every image counts once).
@@ -131,7 +138,7 @@ def build_imagenet(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 
     train_idx = subset_indices(len(train_set), cfg.train_subset, seed, "train")
     test_set = _pick(val_set, subset_indices(len(val_set), cfg.test_subset, seed, "test"))
     loader = functools.partial(DataLoader, num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
-                               persistent_workers=cfg.workers > 0)
+                               persistent_workers=cfg.workers > 0, worker_init_fn=_leave_ctrl_c_to_the_trainer)
     train_part = _pick(train_set, train_idx)
     shards = functools.partial(ShardSampler, rank=rank, world_size=world_size)
     train_sampler = shards(len(train_part), shuffle=True, seed=derive_seed(seed, "train"), even=True)

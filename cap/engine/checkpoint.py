@@ -4,14 +4,18 @@ File layout: b"CAPCKPT1\\n" + sha256 hex of the payload + b"\\n" + the torch.sav
 to a temporary file that is fsynced, then the previous `last.pt` becomes `prev.pt` and the temporary
 file becomes `last.pt` (both renames atomic), so at every moment a complete checkpoint exists.
 Loading verifies the checksum before unpickling (weights_only=True: tensors and plain containers
-only) and falls back to `prev.pt` when `last.pt` is truncated or corrupt.
+only) and falls back to `prev.pt` when `last.pt` is truncated, corrupt or belongs to another run. A write
+that fails (a full disk) removes its temporary file and leaves `last.pt` as it was; temporaries of a
+process that died while writing are removed by the next write.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -29,17 +33,35 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, corrupt or does not fit the run; the message names the file."""
 
 
+class DiskFullError(OSError):
+    """No space left for a checkpoint; the message names the folder, the space needed and what is intact."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+TMP_PREFIX = f".{LAST}.tmp-"
+
+
 def save_checkpoint(payload: dict[str, Any], directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(TMP_PREFIX + "*"):  # one writer per run: these are from a process that died
+        stale.unlink(missing_ok=True)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest().encode()
-    tmp = directory / f".{LAST}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + digest + b"\n" + data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = directory / f"{TMP_PREFIX}{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + digest + b"\n" + data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)  # a half-written temporary only fills the disk further
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(directory, len(MAGIC) + len(digest) + 1 + len(data)) from exc
+        raise
     last = directory / LAST
     if last.exists():
         if _intact(last):
@@ -49,6 +71,19 @@ def save_checkpoint(payload: dict[str, Any], directory: Path) -> Path:
     os.replace(tmp, last)
     _fsync_dir(directory)
     return last
+
+
+def _disk_full(directory: Path, needed: int) -> DiskFullError:
+    free = shutil.disk_usage(directory).free
+    intact = [str(directory / name) for name in (LAST, PREV) if (directory / name).exists()]
+    kept = (f"the last good checkpoint is intact ({', '.join(intact)}); free space, then continue with: "
+            f"cap train --resume {directory.parent}") if intact else "no checkpoint of this run was written yet"
+    return DiskFullError(errno.ENOSPC, f"no space left on the device of {directory} for a checkpoint: it needs "
+                         f"{_mb(needed)} free, {_mb(free)} are free; {kept}")
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def _payload(raw: bytes) -> tuple[bytes, str, str] | None:
@@ -96,8 +131,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} passed its checksum but cannot be loaded: {exc}") from exc
 
 
-def load_latest(directory: Path, log: Callable[[str], None] = print) -> tuple[dict[str, Any], Path]:
-    """The newest good checkpoint in `directory`: last.pt, else prev.pt (with a warning)."""
+def load_latest(directory: Path, log: Callable[[str], None] = print,
+                accept: Callable[[dict[str, Any], Path], str | None] | None = None) -> tuple[dict[str, Any], Path]:
+    """The newest good checkpoint in `directory`: last.pt, else prev.pt (with a warning). `accept(payload, path)`
+    returns why a readable checkpoint does not belong to this run (None: it does); such a file is passed over
+    like a corrupt one."""
     problems = []
     for name in (LAST, PREV):
         path = directory / name
@@ -106,9 +144,13 @@ def load_latest(directory: Path, log: Callable[[str], None] = print) -> tuple[di
             continue
         try:
             payload = read_checkpoint(path)
+            refused = accept(payload, path) if accept is not None else None
         except CheckpointError as exc:
-            problems.append(str(exc))
-            log(f"warning: {exc}; trying the previous checkpoint")
+            refused = str(exc)
+        if refused is not None:
+            problems.append(refused)
+            if name == LAST:
+                log(f"warning: {refused}; trying the previous checkpoint")
             continue
         if name == PREV:
             log(f"warning: resuming from the previous checkpoint {path}")
@@ -117,11 +159,12 @@ def load_latest(directory: Path, log: Callable[[str], None] = print) -> tuple[di
 
 
 class StopRequest:
-    """Remembers a SIGTERM/SIGUSR1/SIGUSR2 (preemption, a scheduler's time-limit warning; USR2 is submitit's)
-    until training can stop at a step boundary and write a checkpoint. Handlers are installed only in the
-    main thread."""
+    """Remembers a SIGTERM/SIGUSR1/SIGUSR2 (preemption, a scheduler's time-limit warning; USR2 is submitit's) or a
+    Ctrl-C (SIGINT) until training can stop at a step boundary and write a checkpoint. A second Ctrl-C raises
+    KeyboardInterrupt at once (the checkpoint files are atomic, so nothing saved is damaged). Handlers are
+    installed only in the main thread."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -132,6 +175,8 @@ class StopRequest:
         return self.signal_name is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt  # the user does not want to wait for the step to end
         self.signal_name = signal.Signals(signum).name
 
     def __enter__(self) -> StopRequest:

@@ -12,6 +12,7 @@ cap.engine.state's; this module sets a run up, drives its epochs and stops it.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import time
@@ -26,10 +27,12 @@ from cap.core.arch import architecture
 from cap.core.bn import recalibrate_bn
 from cap.core.sync import digest_tensors
 from cap.engine.checkpoint import CHECKPOINT_DIR, CheckpointError, StopRequest
-from cap.engine.config import Config, TrainConfig, build_config, load_saved_config, to_dict
+from cap.engine.config import Config, TrainConfig, to_dict
 from cap.engine.distributed import DistContext, init_distributed
 from cap.engine.loop import EPOCH_METRICS, averages, epoch_line, evaluate, make_scheduler, new_meter, train_one_epoch
 from cap.engine.outputs import RunResult, write_outputs
+from cap.engine.run_folder import RunFolderError, check_run_folder, start_run_folder
+from cap.engine.saved_config import load_run_config
 from cap.engine.state import Parts, Progress, build_parts, fresh_progress, load, restore, save, snapshot
 
 __all__ = ["CHECKPOINT_DIR", "EpochHook", "Preempted", "TrainingDiverged", "default_run_dir", "make_scheduler",
@@ -99,29 +102,47 @@ def _check_resumable(run_dir: Path) -> None:
     if not (run_dir / CHECKPOINT_DIR).is_dir():
         raise CheckpointError(f"{run_dir} has no {CHECKPOINT_DIR}/ folder: nothing to resume (was it started with "
                               "train.checkpoint=false, or is it not a run folder?)")
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir / 'config.yaml'} is missing: cannot resume without the run's configuration")
 
 
 def _resume_payload(run_dir: Path, cfg: Config, log: Log) -> dict[str, Any]:
-    """The newest good checkpoint of `run_dir`, in the current schema, after checking it belongs to `cfg`."""
-    saved, path = load(run_dir / CHECKPOINT_DIR, log)
-    log(f"resuming {run_dir} from {path}: epoch {saved['position']['epoch'] + 1}, "
-        f"step {saved['position']['step_in_epoch']}")
-    if to_dict(build_config(saved["config"])) != to_dict(cfg):
-        raise CheckpointError(f"{run_dir}/config.yaml differs from the configuration stored in {path}; "
-                              "a run resumes with the configuration it was started with")
+    """The newest good checkpoint of `run_dir` written with `cfg`, in the current schema."""
+    try:
+        saved, path = load(run_dir / CHECKPOINT_DIR, log, cfg)
+    except CheckpointError as exc:
+        if "belongs to another run" not in str(exc):
+            raise
+        raise CheckpointError(f"{exc}. If {run_dir / 'config.yaml'} was edited, put back the configuration "
+                              f"the run was started with: cap train --resume {run_dir} --restore-config") from exc
+    position = saved["position"]
+    if not _finished(saved, cfg, run_dir):
+        log(f"resuming {run_dir} from {path}: epoch {position['epoch'] + 1}, step {position['step_in_epoch']}")
     return saved
 
 
-def _shared_run_dir(ctx: DistContext, out_dir: Path | None, cfg: Config) -> Path:
-    """Rank 0's run folder on every rank (a default name holds the time, which ranks may see differently)."""
-    return Path(ctx.broadcast_object(str(out_dir if out_dir is not None else default_run_dir(cfg))))
+def _finished(saved: dict[str, Any], cfg: Config, run_dir: Path) -> bool:
+    """All epochs done and the results written: there is nothing to resume."""
+    return saved["position"]["epoch"] >= cfg.train.epochs and (run_dir / "summary.json").is_file()
 
 
-def _write_config(ctx: DistContext, run_dir: Path, cfg: Config) -> None:
+def _shared_run_dir(ctx: DistContext, out_dir: Path | None, cfg: Config, overwrite: bool) -> Path:
+    """Rank 0's run folder on every rank (a default name holds the time, which ranks may see differently),
+    checked on rank 0 before any work (cap.engine.run_folder); every rank raises its refusal."""
+    run_dir = out_dir if out_dir is not None else default_run_dir(cfg)
+    problem = None
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            check_run_folder(run_dir, overwrite)
+        except RunFolderError as exc:
+            problem = str(exc)
+    run_dir, problem = ctx.broadcast_object((str(run_dir), problem))
+    if problem is not None:
+        raise RunFolderError(problem)
+    return Path(run_dir)
+
+
+def _write_config(ctx: DistContext, run_dir: Path, cfg: Config, overwrite: bool) -> None:
+    if ctx.is_main:
+        start_run_folder(run_dir, overwrite)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
@@ -266,15 +287,21 @@ def _finish(parts: Parts, progress: Progress, run_dir: Path, tracker, log: Log) 
 
 # ---------------------------------------------------------------------------- a run, start to end
 def _train_in(ctx: DistContext, device: torch.device, cfg: Config, out_dir: Path | None, resume_dir: Path | None,
-              log: Log, on_epoch: EpochHook | None, opened: list) -> dict:
-    saved = _resume_payload(resume_dir, cfg, log) if resume_dir is not None else None
-    run_dir = _shared_run_dir(ctx, resume_dir if resume_dir is not None else out_dir, cfg)
+              log: Log, on_epoch: EpochHook | None, opened: list, overwrite: bool) -> dict:
+    if resume_dir is not None:
+        saved, run_dir = _resume_payload(resume_dir, cfg, log), resume_dir
+        if _finished(saved, cfg, run_dir):
+            log(f"{run_dir} has finished all {cfg.train.epochs} epochs: nothing to resume (results in "
+                f"{run_dir / 'summary.json'})")
+            return json.loads((run_dir / "summary.json").read_text())
+    else:
+        saved, run_dir = None, _shared_run_dir(ctx, out_dir, cfg, overwrite)  # a bad --out fails before any work
     parts = build_parts(cfg, ctx, device)  # builds the data first: bad data fails here
     if saved is not None:
         progress = restore(parts, saved)
     else:  # a resumed run keeps the config.yaml it was started with
         progress = fresh_progress(parts)
-        _write_config(ctx, run_dir, cfg)
+        _write_config(ctx, run_dir, cfg, overwrite)
     tracker = _open_tracker(cfg, run_dir, ctx, progress.tracking_run_id, log)
     opened.append(tracker)
     _log_params_of_new_run(tracker, cfg, ctx, progress.tracking_run_id)
@@ -285,12 +312,12 @@ def _train_in(ctx: DistContext, device: torch.device, cfg: Config, out_dir: Path
 
 
 def _train(cfg: Config, out_dir: Path | None, log: Log, resume_dir: Path | None = None,
-           on_epoch: EpochHook | None = None) -> dict:
+           on_epoch: EpochHook | None = None, overwrite: bool = False) -> dict:
     ctx, device = _start_process(cfg.train)
     log = log if ctx.is_main else _silent
     opened: list = []  # the tracker once it is open: a run that does not finish ends it as KILLED or FAILED
     try:
-        return _train_in(ctx, device, cfg, out_dir, resume_dir, log, on_epoch, opened)
+        return _train_in(ctx, device, cfg, out_dir, resume_dir, log, on_epoch, opened, overwrite)
     except Preempted:
         raise  # the MLflow run stays open: the resumed job continues it
     except BaseException as exc:
@@ -301,13 +328,16 @@ def _train(cfg: Config, out_dir: Path | None, log: Log, resume_dir: Path | None 
         ctx.close()
 
 
-def run(cfg: Config, out_dir: Path | str | None = None, log: Log = print, on_epoch: EpochHook | None = None) -> dict:
-    """Train one model as configured; write config.yaml, summary.json, history.json, model.pt, plots, checkpoints."""
-    return _train(cfg, Path(out_dir) if out_dir is not None else None, log, on_epoch=on_epoch)
+def run(cfg: Config, out_dir: Path | str | None = None, log: Log = print, on_epoch: EpochHook | None = None,
+        overwrite: bool = False) -> dict:
+    """Train one model as configured; write config.yaml, summary.json, history.json, model.pt, plots, checkpoints.
+    A folder that holds a run already is refused, unless `overwrite` (its run's files are removed first)."""
+    return _train(cfg, Path(out_dir) if out_dir is not None else None, log, on_epoch=on_epoch, overwrite=overwrite)
 
 
 def resume(run_dir: Path | str, log: Log = print, on_epoch: EpochHook | None = None) -> dict:
-    """Continue the run in `run_dir` from its newest good checkpoint, with the configuration it was started with."""
+    """Continue the run in `run_dir` from its newest good checkpoint, with the configuration it was started with
+    (a finished run: its summary, nothing trained)."""
     run_dir = Path(run_dir)
     _check_resumable(run_dir)
-    return _train(load_saved_config(run_dir / "config.yaml"), run_dir, log, resume_dir=run_dir, on_epoch=on_epoch)
+    return _train(load_run_config(run_dir), run_dir, log, resume_dir=run_dir, on_epoch=on_epoch)

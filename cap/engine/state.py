@@ -35,7 +35,7 @@ from cap.core.pruner import Pruner
 from cap.data import DataBundle, DataError, build_data
 from cap.data.bundle import derive_seed, loader_positions, restore_loader_positions
 from cap.engine.checkpoint import CheckpointError, load_latest, save_checkpoint
-from cap.engine.config import Config, ConfigError, to_dict, with_legacy_values
+from cap.engine.config import Config, ConfigError, build_config, to_dict, with_legacy_values
 from cap.engine.distributed import DistContext, wrap_model
 from cap.engine.loop import AMP_DTYPES, make_scheduler, new_meter
 from cap.models import ArchitectureError, build_from_architecture, create_model, load_architecture
@@ -261,9 +261,29 @@ def migrate(old: dict[str, Any]) -> dict[str, Any]:
     return old
 
 
-def load(directory: Path, log=print) -> tuple[dict[str, Any], Path]:
-    """The newest good checkpoint in `directory` (see cap.engine.checkpoint.load_latest), in FORMAT."""
-    raw, path = load_latest(directory, log)
+def config_difference(saved: dict[str, Any], cfg: Config) -> str | None:
+    """Why the configuration stored in a checkpoint is not `cfg`'s (the first keys that differ), or None."""
+    try:
+        stored = to_dict(build_config(saved))
+    except ConfigError as exc:
+        return f"its configuration is not valid here ({exc})"
+    mine = to_dict(cfg)
+    differ = [f"{section}.{key} is {stored[section].get(key)!r} in it, {value!r} in config.yaml"
+              for section, values in mine.items() if isinstance(values, dict)
+              for key, value in values.items() if stored[section].get(key) != value]
+    differ += [f"{key} is {stored[key]!r} in it, {value!r} in config.yaml" for key, value in mine.items()
+               if not isinstance(value, dict) and stored[key] != value]
+    return "; ".join(differ[:3]) + (f" (and {len(differ) - 3} more)" if len(differ) > 3 else "") if differ else None
+
+
+def load(directory: Path, log=print, cfg: Config | None = None) -> tuple[dict[str, Any], Path]:
+    """The newest good checkpoint in `directory` (see cap.engine.checkpoint.load_latest), in FORMAT. With `cfg`,
+    one written with another configuration (another run's file) is passed over like a corrupt one."""
+    def belongs(raw: dict[str, Any], path: Path) -> str | None:
+        differs = config_difference(migrate(raw)["config"], cfg) if cfg is not None else None
+        return f"checkpoint {path} belongs to another run: {differs}" if differs else None
+
+    raw, path = load_latest(directory, log, belongs)
     return migrate(raw), path
 
 

@@ -71,7 +71,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         try:
             if self.config is None or has_checkpoint(run_dir):
                 return resume(run_dir)
-            return run(build_config(self.config), run_dir)
+            # `cap submit` checked the folder; a requeue before the first checkpoint starts the same run over
+            return run(build_config(self.config), run_dir, overwrite=True)
         except Preempted as exc:
             _stop_after_checkpoint(exc.signal_name)
             raise  # not reached

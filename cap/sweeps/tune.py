@@ -115,7 +115,8 @@ def run_trial(values: dict[str, Any], context: TrialContext) -> None:
             summary = resume(run_dir, log=log, on_epoch=on_epoch)
         else:
             _supersede(run_dir, context.tracking_uri)
-            summary = run(cfg, run_dir, log=log, on_epoch=on_epoch)
+            # a retry that starts over: the earlier attempt's files (no checkpoint) go
+            summary = run(cfg, run_dir, log=log, on_epoch=on_epoch, overwrite=True)
     except BaseException as exc:
         log(f"attempt {len(info['attempts'])} failed: {type(exc).__name__}: {exc}")
         raise
