@@ -64,6 +64,12 @@ def cap_cli(*args: str, cwd: Path, timeout: float = 900) -> subprocess.Completed
     ({"trials": 3}, "key 'trials': unknown key"),
     ({"base": {"config": "missing.yaml"}}, "key 'base.config'"),
     ({"base": {"config": SMOKE, "overrides": ["train.epochs=zero"]}}, "train.epochs"),
+    # every value a dimension can produce is checked, as for prune.*: an unknown model in a choice fails now
+    ({"space": {"model.name": {"choice": ["resnet20", "resnet21"]}}},
+     "key 'space.model.name': value 'resnet21' is not valid"),
+    ({"scheduler": {"grace_period": "abc", "reduction_factor": 0}}, "key 'scheduler.grace_period': got 'abc'"),
+    ({"scheduler": {"reduction_factor": 0}}, "key 'scheduler.reduction_factor': got 0, expected a number > 1"),
+    ({"scheduler": {"grace_period": 3}}, "at most the base's train.epochs"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, fields, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
