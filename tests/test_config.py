@@ -117,6 +117,13 @@ def test_cli_rejects_bad_input_before_any_work(tmp_path, args, needle):
     assert not out.exists()  # nothing was started, nothing written
 
 
+def test_cli_config_given_a_folder_says_it_is_a_folder(tmp_path):
+    result = _cap("train", "--config", str(tmp_path), "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: config file '{tmp_path}' is a folder; give the path of a YAML file"
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_help_lists_the_train_flags(tmp_path):
     result = _cap("train", "--help", cwd=tmp_path)
     assert result.returncode == 0 and "--config" in result.stdout and "key=value" in result.stdout

@@ -278,6 +278,8 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None) -
 
 
 def _read_yaml(path: Path, what: str) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"{what} '{path}' is a folder; give the path of a YAML file")
     if not path.is_file():
         raise ConfigError(f"{what} '{path}' does not exist")
     try:

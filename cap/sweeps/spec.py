@@ -165,6 +165,8 @@ def _mapping(spec_path: Path, key: str, raw: Any, allowed: set[str]) -> dict:
 
 def _read(path: Path) -> dict:
     """The sweep file's top-level mapping, its keys checked."""
+    if path.is_dir():
+        raise SweepSpecError(f"sweep file '{path}' is a folder; give the path of a sweep YAML file")
     if not path.is_file():
         raise SweepSpecError(f"sweep file '{path}' does not exist")
     try:
