@@ -520,3 +520,36 @@ def test_cap_pareto_without_a_server_fails_fast_with_one_line(tmp_path):
                                      "the server, or give the URI of a running one with --tracking-uri")
     assert seconds < 60  # one refused connection (and the imports), not minutes of retries
     assert not (tmp_path / "p").exists()
+
+
+def test_warnings_go_to_stderr_and_results_to_stdout(tmp_path):
+    from cap.engine.console import console
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / STATE_FILE).write_text(json.dumps({"uri": uri, "experiment": "x", "experiment_id": "1",
+                                                  "run_id": "abc"}))
+    (run_dir / PENDING_FILE).write_text(json.dumps({"op": "metrics", "metrics": {"a": 1.0}, "step": 1,
+                                                    "timestamp": 1}) + "\n")
+    result = cap_cli("sync", str(run_dir), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.strip() == f"sent 0 pending tracking operations from {run_dir}"
+    assert f"warning: tracking server {uri} unreachable (connection refused)" in result.stderr
+
+    # a training run with the server away: its warning on stderr, its progress lines on stdout
+    out = tmp_path / "train"
+    result = cap_cli("train", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"),
+                     "--out", str(out), "train.epochs=1", "data.train_subset=200", "data.test_subset=100",
+                     "train.progress=false", f"tracking.uri={uri}", "tracking.timeout=3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning:" not in result.stdout and "done: test_acc" in result.stdout
+    assert f"warning: tracking server {uri} unreachable" in result.stderr
+
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as out_text, contextlib.redirect_stderr(io.StringIO()) as err_text:
+        console("epoch 1: loss 2.3")
+        console("warning: something to know")
+    assert (out_text.getvalue(), err_text.getvalue()) == ("epoch 1: loss 2.3\n", "warning: something to know\n")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cap.engine.console import console
 from cap.sweeps import SUPERSEDED_TAG, SWEEP_TAG
 from cap.sweeps.pareto import hypervolume_2d, hypervolume_3d, non_dominated
 from cap.tracking import Store, resolve_uri
@@ -172,7 +173,7 @@ def tag_runs(store: Store, points: list[RunPoint], members: dict[str, set[int]])
 
 
 def pareto_report(uri: str | None, experiment: str, parent: str | None, out_dir: Path,
-                  log: Log = print) -> dict[str, Any]:
+                  log: Log = console) -> dict[str, Any]:
     """Read the runs, write the files, tag the runs, log the files and hypervolumes on `parent`."""
     uri = resolve_uri(uri)
     store = Store(uri)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cap.engine.console import console
 from cap.sweeps import SUPERSEDED_TAG, SWEEP_TAG
 from cap.sweeps.spec import OBJECTIVES, SweepSpec
 from cap.tracking import Store, recorded_run_id, resolve_uri, retire_state, run_state
@@ -256,7 +257,7 @@ def _close_stopped_runs(rows: list[dict[str, Any]], store: Store) -> None:
             store.terminate(run_id, "KILLED" if row["status"] == "stopped" else "FAILED")
 
 
-def run_sweep(spec: SweepSpec, address: str | None = None, log: Log = print) -> tuple[int, list[dict[str, Any]]]:
+def run_sweep(spec: SweepSpec, address: str | None = None, log: Log = console) -> tuple[int, list[dict[str, Any]]]:
     """Run (or resume) the sweep; returns (exit status, one row per trial). 0: all trials finished."""
     from ray import tune
 
