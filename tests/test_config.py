@@ -20,10 +20,60 @@ from cap.engine.config import ConfigError, build_config, load_config
     ("train.lr_warmup_epochs=8", "train.lr_warmup_epochs"),
     ("prune.sample_fraction=0", "prune.sample_fraction"),
     ("prune.sample_fraction=1.5", "prune.sample_fraction"),
+    # values that used to pass validation and fail later (issue 18)
+    ("model.name=resnet21", "config key 'model.name': got 'resnet21', allowed one of resnet110, "),
+    ("seed=-1", "config key 'seed': got -1"),
+    ("seed=4294967296", "config key 'seed'"),
+    ("train.threads=-3", "config key 'train.threads': got -3, allowed null or >= 1"),
+    ("prune.tau=.inf", "config key 'prune.tau': got inf, expected a finite number"),
+    ("tracking.timeout=.inf", "config key 'tracking.timeout': got inf, expected a finite number"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
         build_config({}, [override])
+
+
+def _float_keys(obj, prefix=""):
+    """Every dotted config key whose type takes a float (lists of floats as well)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_keys(value, f"{prefix}{f.name}.")
+        elif "float" in str(hints[f.name]):
+            yield f"{prefix}{f.name}", typing.get_origin(hints[f.name]) is list
+
+
+def test_nan_and_inf_are_refused_for_every_float_key():
+    from cap.engine.config import Config
+
+    keys = list(_float_keys(Config()))
+    assert len(keys) > 20 and ("prune.tau", False) in keys and ("train.milestones", True) in keys
+    for key, is_list in keys:
+        for bad in (".nan", ".inf", "-.inf"):
+            value = f"[{bad}]" if is_list else bad
+            with pytest.raises(ConfigError, match=f"config key '{key}(\\[0\\])?': got \\[?-?(nan|inf)"):
+                build_config({}, [f"{key}={value}"])
+
+
+def test_an_architecture_with_a_float_width_names_the_block(tmp_path):
+    import json
+
+    from cap.core.arch import architecture
+    from cap.engine.state import model_from_arch_file
+    from cap.models import create_model
+
+    kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 28, "width": 16}
+    arch = architecture(create_model("resnet20", **kwargs), "resnet20", kwargs)
+    arch["blocks"][1]["widths"][0] = 7.5
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(arch))
+    with pytest.raises(ConfigError, match=r"model.arch: .*arch.json: block entry 1 \(0.1\) needs 'widths': a list "
+                                          r"of integers >= 1, got \[7.5\]"):
+        model_from_arch_file(str(path), "resnet20", kwargs)
 
 
 def test_a_share_of_the_batch_needs_per_example_gates():
@@ -55,13 +105,23 @@ def _cap(*args, cwd):
     (["model.depth=3"], "unknown config key 'model.depth'"),
     (["data.name=cifar10", "data.root=/nonexistent/cifar"], "/nonexistent/cifar"),
     (["data.name=imagenet", "data.root=/nonexistent/imagenet"], "/nonexistent/imagenet"),
+    (["model.name=resnet21"], "config key 'model.name': got 'resnet21'"),
+    (["seed=-1"], "config key 'seed'"),
+    (["prune.tau=.inf"], "config key 'prune.tau'"),
 ])
 def test_cli_rejects_bad_input_before_any_work(tmp_path, args, needle):
     out = tmp_path / "run"
     result = _cap("train", "--out", str(out), *args, cwd=tmp_path)
     assert result.returncode == 2
-    assert needle in result.stderr
+    assert needle in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()  # nothing was started, nothing written
+
+
+def test_cli_config_given_a_folder_says_it_is_a_folder(tmp_path):
+    result = _cap("train", "--config", str(tmp_path), "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: config file '{tmp_path}' is a folder; give the path of a YAML file"
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_help_lists_the_train_flags(tmp_path):

@@ -351,6 +351,71 @@ def test_cifar_errors(tmp_path: Path) -> None:
         load_cifar("cifar100", tmp_path)
 
 
+class _Python2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle wrote the CIFAR archive: protocol 2, every str and bytes a byte string."""
+
+    def save_bytes(self, obj: bytes | str) -> None:
+        data = obj.encode("latin-1") if isinstance(obj, str) else obj
+        head = pickle.SHORT_BINSTRING + bytes([len(data)]) if len(data) < 256 else \
+            pickle.BINSTRING + len(data).to_bytes(4, "little")
+        self.write(head + data)
+        self.memoize(obj)
+
+    dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes, str: save_bytes}
+
+
+def python2_pickle(obj: object) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(obj)
+    # numpy 1 (the archive's) named its reconstructor numpy.core.multiarray; numpy 2 renamed the module
+    return buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+class _RunsCode:
+    """What a crafted batch hides: unpickling it calls os.system (a marker file shows whether it ran)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_cifar_batches_load_with_a_restricted_unpickler(tmp_path: Path) -> None:
+    import pickletools
+
+    folder = tmp_path / "cifar-10-batches-py"
+    written = write_cifar(folder, {f"data_batch_{i}": 3 for i in range(1, 6)} | {"test_batch": 3}, b"labels", 10)
+    # data_batch_1 as the archive holds it (Python 2 byte strings, numpy 1 names); test_batch as pickle's newest
+    # protocol writes it (numpy 2 names, _frombuffer)
+    (folder / "data_batch_1").write_bytes(python2_pickle(written["data_batch_1"]))
+    globals_used = {arg for op, arg, _ in pickletools.genops((folder / "data_batch_1").read_bytes())
+                    if op.name == "GLOBAL"}
+    assert globals_used == {"numpy.core.multiarray _reconstruct", "numpy ndarray", "numpy dtype"}
+    (folder / "test_batch").write_bytes(pickle.dumps(written["test_batch"], protocol=5))
+    data = load_cifar("cifar10", tmp_path)
+    assert np.array_equal(data.train_images[:3].numpy().reshape(3, -1), written["data_batch_1"][b"data"])
+    assert data.test_labels.tolist() == written["test_batch"][b"labels"]
+
+    marker = tmp_path / "ran"
+    for protocol in (2, 5):  # GLOBAL and STACK_GLOBAL; the call hides among the file names
+        batch = {**written["data_batch_2"], b"filenames": [b"x.png", _RunsCode(marker), b"x.png"]}
+        (folder / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=protocol))
+        with pytest.raises(DataError, match=r"data_batch_2: refused to load: the pickle calls posix.system, which "
+                                            r"no CIFAR batch needs"):
+            load_cifar("cifar10", tmp_path)
+        assert not marker.exists()  # nothing ran
+    pickle.loads((folder / "data_batch_2").read_bytes())  # the payload is real: plain pickle runs it
+    assert marker.exists()
+    (folder / "data_batch_2").write_bytes(pickle.dumps({b"data": __import__("builtins").eval}, protocol=2))
+    with pytest.raises(DataError, match=r"data_batch_2: refused to load: the pickle calls __builtin__.eval"):
+        load_cifar("cifar10", tmp_path)
+
+
 # ---------------------------------------------------------------- ImageNet folders
 
 COLOURS = {"n01": (230, 10, 10), "n02": (10, 230, 10), "n03": (10, 10, 230)}

@@ -64,6 +64,12 @@ def cap_cli(*args: str, cwd: Path, timeout: float = 900) -> subprocess.Completed
     ({"trials": 3}, "key 'trials': unknown key"),
     ({"base": {"config": "missing.yaml"}}, "key 'base.config'"),
     ({"base": {"config": SMOKE, "overrides": ["train.epochs=zero"]}}, "train.epochs"),
+    # every value a dimension can produce is checked, as for prune.*: an unknown model in a choice fails now
+    ({"space": {"model.name": {"choice": ["resnet20", "resnet21"]}}},
+     "key 'space.model.name': value 'resnet21' is not valid"),
+    ({"scheduler": {"grace_period": "abc", "reduction_factor": 0}}, "key 'scheduler.grace_period': got 'abc'"),
+    ({"scheduler": {"reduction_factor": 0}}, "key 'scheduler.reduction_factor': got 0, expected a number > 1"),
+    ({"scheduler": {"grace_period": 3}}, "at most the base's train.epochs"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, fields, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
@@ -289,6 +295,50 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     counted = [r for r in children if r.info.status == "FINISHED" and r.data.tags.get("cap.superseded") != "true"]
     assert sorted(float(r.data.params["prune.tau"]) for r in counted) == [0.2, 0.8, 2.0]
+
+
+SWEEP_RAY = """
+import sys
+from cap.sweeps.spec import load_sweep
+from cap.sweeps.tune import _init_ray
+import ray
+_init_ray(None, load_sweep(sys.argv[1]), print)
+from os import environ
+print("gcs", ray.get_runtime_context().gcs_address, environ["RAY_AUTH_MODE"], environ["RAY_AUTH_TOKEN"], flush=True)
+sys.stdin.read()  # until the test closes it
+ray.shutdown()
+"""
+CONNECT = "import ray; ray.init(address=__import__('sys').argv[1]); print('connected', ray.cluster_resources())"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_sweeps_ray_refuses_callers_without_its_token(tmp_path):
+    """Ray's servers listen beyond loopback (this Ray has no bind address); a caller without the sweep's token
+    (another user, another machine) is refused, and the token is in no file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"PYTHONPATH": str(ROOT)}
+    token_file = Path.home() / ".ray" / "auth_token"
+    had_token_file = token_file.exists()
+    driver = subprocess.Popen([sys.executable, "-c", SWEEP_RAY, str(write_sweep(tmp_path))], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        line = ""
+        while not line.startswith("gcs "):
+            line = driver.stdout.readline()
+            assert line or driver.poll() is None, "the sweep's Ray did not start"
+        gcs, mode, token = line.split()[1:]
+        stranger = subprocess.run([sys.executable, "-c", CONNECT, gcs], env=env, capture_output=True, text=True,
+                                  timeout=300)
+        assert stranger.returncode != 0 and "connected" not in stranger.stdout
+        assert "Authentication token is missing or incorrect" in stranger.stderr, stranger.stderr[-2000:]
+        assert mode == "token" and len(token) == 64  # a fresh one per sweep
+        member = subprocess.run([sys.executable, "-c", CONNECT, gcs], capture_output=True, text=True, timeout=300,
+                                env=env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+        assert member.returncode == 0 and "connected" in member.stdout, member.stderr[-2000:]
+        assert token_file.exists() == had_token_file  # the token lives in the processes' environment only
+    finally:
+        driver.stdin.close()
+        driver.wait(timeout=120)
 
 
 def test_a_changed_space_does_not_resume_into_the_old_folder(tmp_path):

@@ -470,3 +470,86 @@ def test_plot_theta_trajectory(tmp_path):
         plot_theta_trajectory([], tmp_path / "empty.png")
     with pytest.raises(ValueError, match="no blocks"):
         plot_theta_trajectory([{"step": 0, "epoch": 0.0, "blocks": {}}], tmp_path / "none.png")
+
+
+# ------------------------------------------------------------------ `cap sync` and `cap pareto` on bad input
+
+
+def cap_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "cap", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+def test_cap_sync_with_a_corrupt_state_file_names_it_and_keeps_the_queue(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / STATE_FILE).write_text('{"uri": "http://127.0.0.1:1", "run_')  # torn write
+    queued = json.dumps({"op": "metrics", "metrics": {"a": 1.0}, "step": 1, "timestamp": 1}) + "\n"
+    (run_dir / PENDING_FILE).write_text(queued)
+    result = cap_cli("sync", str(run_dir), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: {run_dir / STATE_FILE} is corrupt (not valid JSON: ")
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert (run_dir / PENDING_FILE).read_text() == queued  # nothing lost
+    (run_dir / STATE_FILE).write_text("[]")  # JSON, but not the mapping it must be
+    result = cap_cli("sync", str(run_dir), cwd=tmp_path)
+    assert result.returncode == 2 and "is corrupt (a list, not a mapping)" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("folder,needle", [
+    ("missing", "is not a folder; give a run folder (what cap train --out wrote)"),
+    ("empty", "is not a tracked run folder: it holds no tracking.json and no tracking_pending.jsonl (cap train "
+              "writes them when tracking.enabled is true)"),
+])
+def test_cap_sync_on_a_folder_that_is_not_a_run_fails(tmp_path, folder, needle):
+    (tmp_path / "empty").mkdir()
+    result = cap_cli("sync", str(tmp_path / folder), cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == f"error: {tmp_path / folder} {needle}"
+    assert "sent 0" not in result.stdout
+
+
+def test_cap_pareto_without_a_server_fails_fast_with_one_line(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    t0 = time.perf_counter()
+    result = cap_cli("pareto", "--experiment", "x", "--tracking-uri", uri, "--out", str(tmp_path / "p"), cwd=tmp_path)
+    seconds = time.perf_counter() - t0
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip() == (f"error: MLflow tracking store {uri} cannot be read (connection refused); start "
+                                     "the server, or give the URI of a running one with --tracking-uri")
+    assert seconds < 60  # one refused connection (and the imports), not minutes of retries
+    assert not (tmp_path / "p").exists()
+
+
+def test_warnings_go_to_stderr_and_results_to_stdout(tmp_path):
+    from cap.engine.console import console
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / STATE_FILE).write_text(json.dumps({"uri": uri, "experiment": "x", "experiment_id": "1",
+                                                  "run_id": "abc"}))
+    (run_dir / PENDING_FILE).write_text(json.dumps({"op": "metrics", "metrics": {"a": 1.0}, "step": 1,
+                                                    "timestamp": 1}) + "\n")
+    result = cap_cli("sync", str(run_dir), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.strip() == f"sent 0 pending tracking operations from {run_dir}"
+    assert f"warning: tracking server {uri} unreachable (connection refused)" in result.stderr
+
+    # a training run with the server away: its warning on stderr, its progress lines on stdout
+    out = tmp_path / "train"
+    result = cap_cli("train", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"),
+                     "--out", str(out), "train.epochs=1", "data.train_subset=200", "data.test_subset=100",
+                     "train.progress=false", f"tracking.uri={uri}", "tracking.timeout=3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning:" not in result.stdout and "done: test_acc" in result.stdout
+    assert f"warning: tracking server {uri} unreachable" in result.stderr
+
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as out_text, contextlib.redirect_stderr(io.StringIO()) as err_text:
+        console("epoch 1: loss 2.3")
+        console("warning: something to know")
+    assert (out_text.getvalue(), err_text.getvalue()) == ("epoch 1: loss 2.3\n", "warning: something to know\n")

@@ -62,12 +62,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from cap.tracking import sync_pending
+    from cap.engine.console import console
+    from cap.tracking import TrackingFileError, sync_pending
 
     run_dir = Path(args.run_dir)
     try:
-        sent = sync_pending(run_dir)
-    except FileNotFoundError as exc:
+        sent = sync_pending(run_dir, log=console)
+    except (FileNotFoundError, TrackingFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"sent {sent} pending tracking operations from {run_dir}")

@@ -29,11 +29,36 @@ LAYOUTS = {
 }
 
 
+# What a CIFAR batch's pickle may name: numpy's array reconstruction (under numpy 1's and 2's module names) and
+# the bytes decoder of protocol-2 pickles written by Python 3. Anything else (os.system, builtins.eval, ...)
+# would be called by the unpickler: such a file is refused before it can run anything.
+_ALLOWED_GLOBALS = {
+    *((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+      for name in ("_reconstruct", "scalar")),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """The pickle names a callable a CIFAR batch does not need."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise ForbiddenGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _read_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch -> uint8 images [N, 3, 32, 32] and int64 labels [N], with its format checked."""
     try:
         with path.open("rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+    except ForbiddenGlobal as exc:
+        raise DataError(f"{path}: refused to load: the pickle calls {exc}, which no CIFAR batch needs (only numpy "
+                        "arrays, lists and bytes); replace the file with the original from the CIFAR archive") from exc
     except Exception as exc:  # a corrupt pickle can fail in many ways; all mean the same to the user
         raise DataError(f"{path}: not a readable CIFAR pickle batch ({type(exc).__name__}: {exc})") from exc
     if not isinstance(batch, dict) or b"data" not in batch or layout.label_key not in batch:

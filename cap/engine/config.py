@@ -7,6 +7,7 @@ before any work starts and names the offending key together with what is allowed
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -92,7 +93,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+    return {int: "an integer", float: "a finite number", bool: "true/false", str: "a string",
             type(None): "null"}.get(tp, str(tp))
 
 
@@ -127,10 +128,13 @@ def _list(key: str, value: Any, tp: Any) -> Any:
 
 def _float(key: str, value: Any, tp: Any) -> Any:
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 as a string
-        return float(value)
-    return _UNFIT
+        number = float(value)
+    elif isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 as a string
+        number = float(value)
+    else:
+        return _UNFIT
+    # .nan and .inf are floats to YAML, but no key means them: inf crashes later (torch.bernoulli, timeouts)
+    return number if math.isfinite(number) else _UNFIT
 
 
 def _exactly(kind: type) -> Any:
@@ -235,6 +239,11 @@ def _check_ranges(cfg: Config) -> None:
     need(d.name != "idx" or d.root is not None, "data.root", "a folder in MNIST's file layout for data.name=idx",
          d.root)
     need(cfg.model.width >= 1, "model.width", ">= 1", cfg.model.width)
+    need(0 <= cfg.seed < 2**32, "seed", "an integer in [0, 2**32) (numpy's seed range)", cfg.seed)
+    need(t.threads is None or t.threads >= 1, "train.threads", "null or >= 1", t.threads)
+    from cap.models import list_models  # lazy: the registry imports torch
+
+    need(cfg.model.name in list_models(), "model.name", "one of " + ", ".join(list_models()), cfg.model.name)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -269,6 +278,8 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None) -
 
 
 def _read_yaml(path: Path, what: str) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"{what} '{path}' is a folder; give the path of a YAML file")
     if not path.is_file():
         raise ConfigError(f"{what} '{path}' does not exist")
     try:

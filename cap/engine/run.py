@@ -28,6 +28,7 @@ from cap.core.bn import recalibrate_bn
 from cap.core.sync import digest_tensors
 from cap.engine.checkpoint import CHECKPOINT_DIR, CheckpointError, StopRequest
 from cap.engine.config import Config, TrainConfig, to_dict
+from cap.engine.console import console
 from cap.engine.distributed import DistContext, init_distributed
 from cap.engine.loop import EPOCH_METRICS, averages, epoch_line, evaluate, make_scheduler, new_meter, train_one_epoch
 from cap.engine.outputs import RunResult, write_outputs
@@ -328,14 +329,14 @@ def _train(cfg: Config, out_dir: Path | None, log: Log, resume_dir: Path | None 
         ctx.close()
 
 
-def run(cfg: Config, out_dir: Path | str | None = None, log: Log = print, on_epoch: EpochHook | None = None,
+def run(cfg: Config, out_dir: Path | str | None = None, log: Log = console, on_epoch: EpochHook | None = None,
         overwrite: bool = False) -> dict:
     """Train one model as configured; write config.yaml, summary.json, history.json, model.pt, plots, checkpoints.
     A folder that holds a run already is refused, unless `overwrite` (its run's files are removed first)."""
     return _train(cfg, Path(out_dir) if out_dir is not None else None, log, on_epoch=on_epoch, overwrite=overwrite)
 
 
-def resume(run_dir: Path | str, log: Log = print, on_epoch: EpochHook | None = None) -> dict:
+def resume(run_dir: Path | str, log: Log = console, on_epoch: EpochHook | None = None) -> dict:
     """Continue the run in `run_dir` from its newest good checkpoint, with the configuration it was started with
     (a finished run: its summary, nothing trained)."""
     run_dir = Path(run_dir)

@@ -65,4 +65,20 @@ def load_architecture(path: str | Path) -> dict[str, Any]:
         raise ArchitectureError(f"cannot read an architecture from {file}: {exc}") from exc
     if not isinstance(arch, dict) or not {"name", "kwargs", "blocks"} <= arch.keys():
         raise ArchitectureError(f"{file} is not an architecture (it needs 'name', 'kwargs' and 'blocks')")
+    _check_blocks(file, arch["blocks"])
     return arch
+
+
+def _check_blocks(file: Path, blocks: Any) -> None:
+    """Each block entry is removed, or kept with integer widths >= 1 (a width of 7.5 would index a channel later)."""
+    if not isinstance(blocks, list):
+        raise ArchitectureError(f"{file}: 'blocks' must be a list of block entries, got {type(blocks).__name__}")
+    for i, entry in enumerate(blocks):
+        if not isinstance(entry, dict) or not isinstance(entry.get("removed"), bool):
+            raise ArchitectureError(f"{file}: block entry {i} needs 'removed': true/false, got {entry!r}")
+        widths = entry.get("widths")
+        if entry["removed"]:
+            continue
+        if not isinstance(widths, list) or not all(type(w) is int and w >= 1 for w in widths):
+            raise ArchitectureError(f"{file}: block entry {i} ({entry.get('stage')}.{entry.get('index')}) needs "
+                                    f"'widths': a list of integers >= 1, got {widths!r}")

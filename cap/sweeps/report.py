@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cap.engine.console import console
 from cap.sweeps import SUPERSEDED_TAG, SWEEP_TAG
 from cap.sweeps.pareto import hypervolume_2d, hypervolume_3d, non_dominated
 from cap.tracking import Store, resolve_uri
+from cap.tracking.store import describe
 
 Log = Callable[[str], Any]
 
@@ -171,11 +173,17 @@ def tag_runs(store: Store, points: list[RunPoint], members: dict[str, set[int]])
 
 
 def pareto_report(uri: str | None, experiment: str, parent: str | None, out_dir: Path,
-                  log: Log = print) -> dict[str, Any]:
+                  log: Log = console) -> dict[str, Any]:
     """Read the runs, write the files, tag the runs, log the files and hypervolumes on `parent`."""
     uri = resolve_uri(uri)
     store = Store(uri)
-    points = fetch_runs(store, experiment, parent)
+    try:
+        points = fetch_runs(store, experiment, parent)
+    except ParetoError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - mlflow raises many kinds for a store it cannot reach or read
+        raise ParetoError(f"MLflow tracking store {uri} cannot be read ({describe(exc, store.timeout)}); start the "
+                          "server, or give the URI of a running one with --tracking-uri") from exc
     if not points:
         raise ParetoError(f"no finished runs with final_test_acc/mac_reduction/param_reduction in experiment "
                           f"'{experiment}'" + (f" under parent run {parent}" if parent else "") + f" at {uri}")

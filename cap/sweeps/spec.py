@@ -165,6 +165,8 @@ def _mapping(spec_path: Path, key: str, raw: Any, allowed: set[str]) -> dict:
 
 def _read(path: Path) -> dict:
     """The sweep file's top-level mapping, its keys checked."""
+    if path.is_dir():
+        raise SweepSpecError(f"sweep file '{path}' is a folder; give the path of a sweep YAML file")
     if not path.is_file():
         raise SweepSpecError(f"sweep file '{path}' does not exist")
     try:
@@ -214,12 +216,21 @@ def _space(path: Path, raw: Any, search: Any) -> tuple[list[Dimension], str]:
     return space, search
 
 
-def _scheduler(path: Path, raw: Any) -> Scheduler | None:
+def _scheduler(path: Path, raw: Any, epochs: int) -> Scheduler | None:
+    """The early-stopping scheduler, with what ASHA asserts checked here (its max_t is the base's train.epochs)."""
     if raw is None:
         return None
     scheduler = Scheduler(**_mapping(path, "scheduler", raw, {"type", "metric", "grace_period", "reduction_factor"}))
     if scheduler.type not in SCHEDULER_TYPES:
         raise _fail(path, "scheduler.type", f"got {scheduler.type!r}, allowed: {', '.join(SCHEDULER_TYPES)}")
+    if scheduler.metric not in ("test_acc", "test_loss", "train_loss"):
+        raise _fail(path, "scheduler.metric", f"got {scheduler.metric!r}, allowed: test_acc, test_loss, train_loss")
+    grace = _count(path, "scheduler.grace_period", scheduler.grace_period, 1)
+    if grace > epochs:
+        raise _fail(path, "scheduler.grace_period", f"got {grace}, expected at most the base's train.epochs ({epochs})")
+    if _number(path, "scheduler.reduction_factor", scheduler.reduction_factor) <= 1:
+        raise _fail(path, "scheduler.reduction_factor", f"got {scheduler.reduction_factor!r}, expected a number > 1 "
+                                                        "(the share of trials kept at each rung is 1/factor)")
     return scheduler
 
 
@@ -264,12 +275,11 @@ def load_sweep(path: str | Path, storage: str | Path | None = None) -> SweepSpec
     space, search = _space(path, raw["space"], raw.get("search", "random"))
     resources = _mapping(path, "resources", raw.get("resources"), {"cpus", "gpus"})
     tracking = _mapping(path, "tracking", raw.get("tracking"), {"uri", "experiment"})
-    scheduler = _scheduler(path, raw.get("scheduler"))
     trials = _trials(path, raw, resources)
-    if scheduler is not None and scheduler.metric not in ("test_acc", "test_loss", "train_loss"):
-        raise _fail(path, "scheduler.metric", f"got {scheduler.metric!r}, allowed: test_acc, test_loss, train_loss")
+    base = _base_experiment(path, base_config, overrides)
+    scheduler = _scheduler(path, raw.get("scheduler"), base["train"]["epochs"])
     spec = SweepSpec(name=name, path=path, base_config=base_config, base_overrides=overrides, space=space,
-                     base=_base_experiment(path, base_config, overrides), search=search, scheduler=scheduler,
+                     base=base, search=search, scheduler=scheduler,
                      tracking_uri=tracking.get("uri"), experiment=tracking.get("experiment", "cap-sweeps"), **trials)
     _check_values(spec)
     if storage is not None:

@@ -20,12 +20,14 @@ import csv
 import hashlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cap.engine.console import console
 from cap.sweeps import SUPERSEDED_TAG, SWEEP_TAG
 from cap.sweeps.spec import OBJECTIVES, SweepSpec
 from cap.tracking import Store, recorded_run_id, resolve_uri, retire_state, run_state
@@ -192,14 +194,29 @@ def _tuner(spec: SweepSpec, context: TrialContext, restore: bool):
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
 
 
+def _require_token() -> None:
+    """This Ray's gRPC servers (gcs_server, raylets, workers) listen on every interface, whatever node address
+    they are given, so the sweep's own Ray asks every caller for a fresh token that only its processes hold (in
+    their environment, never in a file under ~/.ray). An RAY_AUTH_MODE the user set is left as it is."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")  # Ray read RAY_AUTH_MODE when it was imported (as ray's own token setup does)
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def _init_ray(address: str | None, spec: SweepSpec, log: Log) -> None:
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, single-user Ray: no token files under ~/.ray
-    if address:
+    if address:  # an existing cluster: its own authentication applies (RAY_AUTH_MODE/RAY_AUTH_TOKEN of the user)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address=address, log_to_driver=False)
         log(f"Ray cluster at {address}: {ray.cluster_resources()}")
         return
+    _require_token()
     cpus = int(os.environ.get("SLURM_CPUS_ON_NODE") or len(os.sched_getaffinity(0)))
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     log(f"local Ray with {cpus} CPUs: up to {int(cpus // spec.cpus_per_trial)} trials at once"
@@ -257,7 +274,7 @@ def _close_stopped_runs(rows: list[dict[str, Any]], store: Store) -> None:
             store.terminate(run_id, "KILLED" if row["status"] == "stopped" else "FAILED")
 
 
-def run_sweep(spec: SweepSpec, address: str | None = None, log: Log = print) -> tuple[int, list[dict[str, Any]]]:
+def run_sweep(spec: SweepSpec, address: str | None = None, log: Log = console) -> tuple[int, list[dict[str, Any]]]:
     """Run (or resume) the sweep; returns (exit status, one row per trial). 0: all trials finished."""
     from ray import tune
 

@@ -26,6 +26,7 @@ from cap.tracking.queue import (
     PENDING_FILE,
     REJECTED_FILE,
     STATE_FILE,
+    TrackingFileError,
     pending_files,
     recorded_run_id,
     retire_state,
@@ -48,7 +49,8 @@ from cap.tracking.uri import resolve_uri
 
 __all__ = [
     "DEFAULT_TIMEOUT", "LOCAL_ID_PREFIX", "LOCK_FILE", "MAX_PARAM_LEN", "MAX_TAG_LEN", "PENDING_FILE", "REJECTED_FILE",
-    "STATE_FILE", "NullTracker", "Store", "Tracker", "ensure_experiment", "flatten", "http_settings", "is_permanent",
+    "STATE_FILE", "NullTracker", "Store", "Tracker", "TrackingFileError", "ensure_experiment", "flatten",
+    "http_settings", "is_permanent",
     "open_tracker", "param_values", "pending_files", "recorded_run_id", "resolve_uri", "retire_state", "run_state",
     "sync_pending", "tag_values", "truncate",
 ]

@@ -27,11 +27,24 @@ _STATE_STEM, _STATE_SUFFIX = STATE_FILE.rsplit(".", 1)
 _PENDING_STEM, _PENDING_SUFFIX = PENDING_FILE.rsplit(".", 1)
 
 
+class TrackingFileError(ValueError):
+    """A run folder's tracking state file is unreadable; the message names it and what it should hold."""
+
+
 def read_json(path: Path) -> dict | None:
+    """A state file's mapping; None if there is none; TrackingFileError if it is corrupt."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = exc
+    if not isinstance(data, dict):
+        reason = f"not valid JSON: {data}" if isinstance(data, Exception) else f"a {type(data).__name__}, not a mapping"
+        raise TrackingFileError(f"{path} is corrupt ({reason}); it records the MLflow URI and run of the folder's "
+                                "tracking operations, which are kept: restore it, or write it by hand with the keys "
+                                '"uri", "experiment", "experiment_id" and "run_id"')
+    return data
 
 
 def write_json(path: Path, data: dict) -> None:

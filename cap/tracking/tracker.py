@@ -8,7 +8,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cap.tracking.channel import Channel, Log
-from cap.tracking.queue import PENDING_FILE, STATE_FILE, locked, queues, read_json, read_ops, set_aside, write_json
+from cap.tracking.queue import (
+    PENDING_FILE,
+    STATE_FILE,
+    locked,
+    pending_files,
+    queues,
+    read_json,
+    read_ops,
+    set_aside,
+    write_json,
+)
 from cap.tracking.store import DEFAULT_TIMEOUT, Unsendable, is_permanent, now_ms, param_values, tag_values
 from cap.tracking.uri import resolve_uri
 
@@ -206,6 +216,12 @@ def sync_pending(run_dir: Path, log: Log = print, timeout: float = DEFAULT_TIMEO
     The file is removed when everything went through; otherwise it keeps what is left (in order).
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a folder; give a run folder (what cap train --out wrote)")
+    if not (run_dir / STATE_FILE).exists() and not pending_files(run_dir):
+        raise FileNotFoundError(f"{run_dir} is not a tracked run folder: it holds no {STATE_FILE} and no "
+                                f"{PENDING_FILE} (cap train writes them when tracking.enabled is true)")
+    read_json(run_dir / STATE_FILE)  # a corrupt state file is named even when nothing is pending
     sent = 0
     for state_file, pending_file in queues(run_dir):
         if not pending_file.exists():
