@@ -65,7 +65,7 @@ def test_migrate_keeps_what_a_late_format_1_checkpoint_holds():
 def test_migrate_fills_in_what_early_format_1_checkpoints_lack():
     old = oldest_payload()
     new = migrate(old)
-    assert new["format"] == 3 and set(new) == PAYLOAD_KEYS
+    assert new["format"] == FORMAT and set(new) == PAYLOAD_KEYS
     meter = old["meter"]
     assert new["meters"] == [{**meter, "nonfinite_steps": 0, "loss_seen": meter["seen"]}] * old["world_size"]
     assert set(new["meters"][0]) == set(new_meter())
