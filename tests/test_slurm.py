@@ -11,10 +11,13 @@ import json
 import os
 import re
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -74,6 +77,52 @@ def test_multi_node_sweep_ray_commands_join_one_head():
     assert worker[1:3] == ["start", "--address=node1:23456"]
     for cmd in (head, worker):
         assert cmd[-1] == "--block" and "--num-cpus=32" in cmd and "--num-gpus=8" in cmd
+
+
+CONNECT = "import ray; ray.init(address=__import__('sys').argv[1]); print('connected', ray.cluster_resources())"
+
+
+def _task_environment(folder: Path, is_head: bool) -> dict[str, str]:
+    """os.environ as a task of job 77 leaves it after share_ray_token (this process's is restored)."""
+    from cap.launch.jobs import share_ray_token
+
+    with mock.patch.dict(os.environ):
+        for key in [k for k in os.environ if k.startswith("RAY_AUTH")]:
+            del os.environ[key]
+        share_ray_token(folder, "77", is_head=is_head)
+        return dict(os.environ)
+
+
+@pytest.mark.ray
+def test_the_multi_node_sweep_jobs_ray_refuses_callers_without_the_jobs_token(tmp_path):
+    """The head task writes a fresh token only its user can read; the other tasks read the same one; a Ray head
+    started as the job starts it refuses a caller without it and admits one with it."""
+    from cap.launch.jobs import _wait_for_port, ray_start_command
+
+    head_env, worker_env = _task_environment(tmp_path, True), _task_environment(tmp_path, False)
+    assert head_env["RAY_AUTH_MODE"] == worker_env["RAY_AUTH_MODE"] == "token"
+    assert head_env["RAY_AUTH_TOKEN"] == worker_env["RAY_AUTH_TOKEN"] and len(head_env["RAY_AUTH_TOKEN"]) == 64
+    assert stat.S_IMODE((tmp_path / ".77_ray_token").stat().st_mode) == 0o600
+    assert _task_environment(tmp_path, True)["RAY_AUTH_TOKEN"] != head_env["RAY_AUTH_TOKEN"]  # fresh per start
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    head_env = _task_environment(tmp_path, True)
+    head = subprocess.Popen(ray_start_command("127.0.0.1", port, {"CPU": 1, "GPU": 0}, is_head=True), env=head_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port("127.0.0.1", port, 120)
+        plain = {k: v for k, v in head_env.items() if not k.startswith("RAY_AUTH")}
+        stranger = subprocess.run([sys.executable, "-c", CONNECT, f"127.0.0.1:{port}"], env=plain,
+                                  capture_output=True, text=True, timeout=300)
+        assert stranger.returncode != 0 and "connected" not in stranger.stdout
+        assert "Authentication token is missing or incorrect" in stranger.stderr, stranger.stderr[-2000:]
+        member = subprocess.run([sys.executable, "-c", CONNECT, f"127.0.0.1:{port}"],
+                                env=_task_environment(tmp_path, False), capture_output=True, text=True, timeout=300)
+        assert member.returncode == 0 and "connected" in member.stdout, member.stderr[-2000:]
+    finally:
+        head.terminate()
+        head.wait(timeout=120)
 
 
 # ---------------------------------------------------------------------------- the live cluster

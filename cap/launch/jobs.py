@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -104,6 +105,23 @@ def ray_start_command(head: str, port: int, resources: dict[str, int], is_head: 
     return [ray, "start", *where, f"--num-cpus={resources['CPU']}", f"--num-gpus={resources['GPU']}", "--block"]
 
 
+def share_ray_token(folder: Path, job_id: str, is_head: bool) -> None:
+    """Ray's servers listen on every interface (cap.sweeps.tune), so the job's Ray asks every caller for a token.
+    Task 0 writes a fresh one, readable by the job's user only, into the job's log folder, which every node
+    sees, before it starts the head; the other tasks read it once the head is up, so a requeued job never reads
+    the previous start's. Ray takes it from the environment. A RAY_AUTH_MODE the user set is left as it is."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    path = folder / f".{job_id}_ray_token"
+    if is_head:
+        draft = path.with_name(f"{path.name}.{os.getpid()}")
+        with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(secrets.token_hex(32))
+        os.replace(draft, path)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = path.read_text().strip()
+
+
 class SweepJob(submitit.helpers.Checkpointable):
     """`cap sweep SPEC [--storage DIR]` on the job's allocation: one task per node. On one node Ray starts inside
     run_sweep with the node's allocated CPUs; on several, task 0 starts a Ray head, the others join it, and task 0
@@ -122,10 +140,12 @@ class SweepJob(submitit.helpers.Checkpointable):
         port = random.Random(f"ray-{env.job_id}").randint(20000, 60000)  # same on every task, differs per job
         if env.global_rank != 0:
             _wait_for_port(head, port, 300)
+            share_ray_token(env.paths.folder, env.job_id, is_head=False)
             subprocess.run(ray_start_command(head, port, resources, is_head=False), check=False)
             return 0
         if shutil.which(ray_start_command(head, port, resources, True)[0]) is None:
             raise RuntimeError("the `ray` command is not installed next to this Python")
+        share_ray_token(env.paths.folder, env.job_id, is_head=True)
         ray_head = subprocess.Popen(ray_start_command(head, port, resources, is_head=True))
         try:
             _wait_for_port(head, port, 300)

@@ -202,17 +202,24 @@ def _require_token() -> None:
         return
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    _reread_auth_settings()
+
+
+def _reread_auth_settings() -> None:
+    """Ray read RAY_AUTH_MODE when it was imported; make it read the environment again (as ray's own token
+    setup does), so that a mode set since then applies."""
     from ray._raylet import AuthenticationTokenLoader, Config
 
-    Config.initialize("")  # Ray read RAY_AUTH_MODE when it was imported (as ray's own token setup does)
+    Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _init_ray(address: str | None, spec: SweepSpec, log: Log) -> None:
     import ray
 
-    if address:  # an existing cluster: its own authentication applies (RAY_AUTH_MODE/RAY_AUTH_TOKEN of the user)
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address:  # an existing cluster: its own authentication applies (RAY_AUTH_MODE/RAY_AUTH_TOKEN of the user,
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # or the SLURM sweep job's, cap.launch.jobs)
+        _reread_auth_settings()
         ray.init(address=address, log_to_driver=False)
         log(f"Ray cluster at {address}: {ray.cluster_resources()}")
         return
