@@ -95,7 +95,8 @@ def ensure_node_modules(timeout: float = 600.0) -> None:
 
 def check_mlflow_ui(base_url: str, experiment: str, expect: list[str], screenshot: Path,
                     filter_string: str | None = None, *, absent: list[str] | None = None,
-                    expand_nested: bool = False, timeout_s: float = 60.0) -> dict:
+                    expand_nested: bool = False, link: str | None = None, table: bool = True,
+                    timeout_s: float = 60.0) -> dict:
     """Open the runs page of `experiment` (name or id) in the MLflow UI at `base_url`, optionally type
     `filter_string` into the runs search box and submit it, take a full-page screenshot, and return the
     script's result: ok, found, missing (of `expect`), present_but_absent_expected (of `absent`), run_names,
@@ -104,7 +105,9 @@ def check_mlflow_ui(base_url: str, experiment: str, expect: list[str], screensho
     `ok` is False when an expected text is missing or an `absent` one is visible; the dict is returned so the
     caller can assert on it. Raises BrowserCheckError when the check could not be made at all.
     `expand_nested` clicks every top-level run's expander first (a sweep's trials are nested under its parent
-    run, collapsed). `timeout_s` bounds each wait inside the page (load, filter, texts)."""
+    run, collapsed). `link` opens that URL instead of the runs page (`experiment` still names its experiment);
+    `table=False` checks only the texts (a page without a runs table). `timeout_s` bounds each wait inside the
+    page (load, filter, texts)."""
     reason = browser_unavailable_reason()
     if reason:
         raise BrowserCheckError(reason)
@@ -116,6 +119,10 @@ def check_mlflow_ui(base_url: str, experiment: str, expect: list[str], screensho
         args["filter"] = filter_string
     if expand_nested:
         args["expand"] = True
+    if link:
+        args["link"] = link
+    if not table:
+        args["table"] = False
     # the script's own waits are bounded; this outer limit only catches a hung browser
     limit = 4 * timeout_s + 120
     try:

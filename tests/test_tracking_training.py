@@ -46,6 +46,11 @@ def check_run(client, out: Path) -> None:
         assert [m.step for m in sorted(logged, key=lambda m: m.step)] == [h["epoch"] for h in history], key
         assert [m.value for m in sorted(logged, key=lambda m: m.step)] == [float(h[key]) for h in history], key
     assert ARTIFACTS <= artifact_names(client, run.info.run_id)
+    note = run.data.tags["mlflow.note.content"]  # the run's description in the UI: its result in one line
+    assert f"test_acc {summary['test_acc']:.4f}" in note, note
+    assert f"blocks {summary['layers_kept']}/{summary['layers_total']}" in note, note
+    kind = client.get_experiment(run.info.experiment_id).tags.get("mlflow.experimentKind")
+    assert kind == "custom_model_development", "cap's experiments open in the UI's model-training view"
 
 
 def test_cap_train_logs_to_an_embedded_sqlite_store(tmp_path):
@@ -56,6 +61,7 @@ def test_cap_train_logs_to_an_embedded_sqlite_store(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     check_run(MlflowClient(uri), tmp_path / "run")
+    assert f"cap ui --experiment cap-test --tracking-uri {uri}" in done.stdout, done.stdout[-2000:]
     assert (tmp_path / "mlartifacts").is_dir(), "artifacts belong beside the database, not in the working dir"
 
 
@@ -76,6 +82,7 @@ def test_server_killed_mid_run_loses_nothing(tmp_path):
         log = "".join(lines)
         assert proc.returncode == 0, log
         assert "unreachable" in log and "cap sync" in log, log
+        assert f"the runs in the MLflow UI: {server.uri}/#/experiments/" in log, log  # a server: the link itself
         pending = out / "tracking_pending.jsonl"
         assert pending.is_file() and pending.read_text().strip()
 

@@ -6,6 +6,7 @@
     cap export RUN_DIR [--format F] [--round-to K]          the compact model (plain layers) + arch.json
     cap sweep SWEEP.yaml [--address A] [--storage DIR]      Ray Tune over tau/alpha/beta (see sweeps/)
     cap pareto --experiment NAME [--parent RUN_ID]          Pareto fronts of runs tracked in MLflow
+    cap ui [--experiment NAME] [--port 5000]                the MLflow UI on cap's store, with links to cap's views
     cap submit --cluster slurm/x.yaml [--wait] -- train|sweep ...   the same commands as SLURM jobs
 """
 
@@ -146,6 +147,7 @@ DELEGATED = {
     "sweep": ("cap.cli.sweep", "Ray Tune sweep of tau/alpha/beta (sweeps/*.yaml)"),
     "pareto": ("cap.cli.pareto", "Pareto fronts and hypervolumes of runs tracked in MLflow"),
     "submit": ("cap.cli.submit", "run `cap train` or `cap sweep` as a SLURM job (submitit)"),
+    "ui": ("cap.cli.ui", "the MLflow UI on cap's store, with links that open cap's views"),
 }
 
 

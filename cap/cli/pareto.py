@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from cap.sweeps.report import ParetoError, pareto_report
+    from cap.tracking import Store, resolve_uri
+    from cap.tracking.links import ui_hint
+    from cap.tracking.uri import is_server
 
     args = build_parser().parse_args(argv)
     default = Path("pareto") / (args.experiment + (f"-{args.parent}" if args.parent else ""))
@@ -33,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     except ParetoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    uri = resolve_uri(args.tracking_uri)
+    print(ui_hint(uri, args.experiment, Store(uri).find_experiment(args.experiment) if is_server(uri) else None))
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from cap.engine.config import Config
+from cap.tracking.links import NOTE_TAG, result_note
 
 
 @dataclass
@@ -85,7 +86,8 @@ def write_outputs(result: RunResult, tracker, log: Callable[[str], None]) -> dic
     tracker.log_metrics({"final_test_acc": summary["test_acc"], "mac_reduction": 1 - summary["mac_ratio"],
                          "param_reduction": 1 - summary["param_ratio"], "train_seconds": summary["train_seconds"]},
                         step=cfg.train.epochs)
-    tracker.set_tags({"run_dir": str(out.resolve()), "model": cfg.model.name, "dataset": result.dataset})
+    tracker.set_tags({"run_dir": str(out.resolve()), "model": cfg.model.name, "dataset": result.dataset,
+                      NOTE_TAG: result_note(summary)})  # the run's description in the MLflow UI
     log(f"done: test_acc {summary['test_acc']:.4f}, MAC reduction {1 - summary['mac_ratio']:.1%}, "
         f"param reduction {1 - summary['param_ratio']:.1%}, blocks kept {summary['layers_kept']}/"
         f"{summary['layers_total']}, units kept {summary['units_kept']}/{summary['units_total']}; {out}")

@@ -282,6 +282,9 @@ def _finish(parts: Parts, progress: Progress, run_dir: Path, tracker, log: Log) 
     digests = parts.ctx.agree("the final weights", digest_tensors(list(parts.model.state_dict().values())))
     summary = write_outputs(_result(parts, progress, run_dir, digests), tracker, log) if parts.ctx.is_main else {}
     tracker.finish()
+    hint = None if parts.cfg.tracking.parent_run_id else tracker.ui_hint()  # a sweep's trial: the sweep says it
+    if hint:
+        log(hint)
     parts.ctx.barrier()
     return summary
 

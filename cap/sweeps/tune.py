@@ -31,6 +31,8 @@ from cap.engine.console import console
 from cap.sweeps import SUPERSEDED_TAG, SWEEP_TAG
 from cap.sweeps.spec import OBJECTIVES, SweepSpec
 from cap.tracking import Store, recorded_run_id, resolve_uri, retire_state, run_state
+from cap.tracking.links import ui_hint
+from cap.tracking.uri import is_server
 
 Log = Callable[[str], Any]
 SWEEP_FILE = "sweep.json"
@@ -341,4 +343,5 @@ def run_sweep(spec: SweepSpec, address: str | None = None, log: Log = console) -
             f"(log: {row['run_dir']}/train.log)")
     store.terminate(parent, "FINISHED" if finished else "FAILED")
     log(f"{len(finished)}/{len(rows)} trials finished, {len(failed)} failed; results: {results}")
+    log(ui_hint(uri, spec.experiment, store.find_experiment(spec.experiment) if is_server(uri) else None))
     return (1 if failed else 0), rows

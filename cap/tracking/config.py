@@ -12,7 +12,7 @@ class TrackingConfig:
     enabled: bool = True
     """log the run to MLflow (rank 0 only)"""
     uri: str | None = None
-    """MLflow tracking URI; None: an embedded sqlite store, sqlite:///<working dir>/mlflow.db"""
+    """MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else the embedded store sqlite:///<working dir>/mlflow.db"""
     experiment: str = "cap"
     run_name: str | None = None
     """MLflow run name (default: the run folder's name)"""

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cap.tracking.links import EXPERIMENT_KIND_TAG, MODEL_TRAINING
 from cap.tracking.uri import local_artifact_location
 
 DEFAULT_TIMEOUT = 10.0
@@ -122,7 +123,9 @@ def ensure_experiment(client: Any, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=local_artifact_location(uri))
+            # tagged as model training: the MLflow UI then opens it on the runs table (cap.tracking.links)
+            return client.create_experiment(name, artifact_location=local_artifact_location(uri),
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         except MlflowException as exc:  # created by another process in between
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -162,6 +165,35 @@ class Store:
         with http_settings(self.timeout):
             exp = self.client.get_experiment_by_name(name)
         return None if exp is None else exp.experiment_id
+
+    def experiment(self, name: str | None) -> Any:
+        """mlflow's Experiment `name`, or with None the one updated last that holds runs; None if there is none."""
+        from mlflow.entities import ViewType
+
+        with http_settings(self.timeout):
+            if name is not None:
+                return self.client.get_experiment_by_name(name)
+            for exp in self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY,
+                                                      order_by=["last_update_time DESC"]):
+                if self.client.search_runs([exp.experiment_id], max_results=1):
+                    return exp
+        return None
+
+    def mark_model_training(self, experiment: Any) -> bool:
+        """Tag an experiment as model training where nothing tagged it (one made by mlflow itself or another tool);
+        True if it was tagged now."""
+        if experiment.tags.get(EXPERIMENT_KIND_TAG):
+            return False
+        with http_settings(self.timeout):
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+        return True
+
+    def newest_run(self, experiment_id: str, filter_string: str) -> Any:
+        """The run of the experiment that matches `filter_string` and started last; None if there is none."""
+        with http_settings(self.timeout):
+            runs = self.client.search_runs([experiment_id], filter_string=filter_string, max_results=1,
+                                           order_by=["attributes.start_time DESC"])
+        return runs[0] if runs else None
 
     def create_run(self, experiment: str, run_name: str | None, tags: dict[str, str],
                    start_time: int | None = None) -> tuple[str, str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cap.tracking.channel import Channel, Log
+from cap.tracking.links import ui_hint
 from cap.tracking.queue import (
     PENDING_FILE,
     STATE_FILE,
@@ -60,6 +61,9 @@ class NullTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
+
+    def ui_hint(self) -> str | None:
+        return None
 
 
 class Tracker:
@@ -117,6 +121,11 @@ class Tracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         if tags:
             self._channel.submit({"op": "tags", "tags": tag_values(tags)})
+
+    def ui_hint(self) -> str:
+        """Where to see this run's experiment in the MLflow UI (cap.tracking.links.ui_hint)."""
+        state = self._channel.state
+        return ui_hint(self.uri, state["experiment"], state.get("experiment_id"))
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run (FINISHED, FAILED or KILLED) after a last attempt to send what is pending."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 _SQLITE = "sqlite:///"
@@ -30,9 +31,28 @@ def normalize_uri(uri: str) -> str:
     return uri
 
 
+def default_uri() -> str:
+    """The embedded store of the working folder, sqlite:///<cwd>/mlflow.db."""
+    return f"{_SQLITE}{Path.cwd()}/mlflow.db"
+
+
 def resolve_uri(uri: str | None) -> str:
-    """The store a run logs to: `uri` made absolute, or the embedded default sqlite:///<cwd>/mlflow.db."""
-    return normalize_uri(uri or f"{_SQLITE}{Path.cwd()}/mlflow.db")
+    """The store a run logs to, made absolute: `uri`, else $MLFLOW_TRACKING_URI (as every MLflow tool reads it),
+    else the embedded default."""
+    return normalize_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri())
+
+
+def is_server(uri: str) -> bool:
+    """A tracking server (http/https), as opposed to a store on this machine's disk."""
+    return uri.startswith(("http://", "https://"))
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite store; None for any other store."""
+    if not uri.startswith(_SQLITE):
+        return None
+    path = uri[len(_SQLITE):].partition("?")[0]
+    return Path(path) if path and path != ":memory:" else None
 
 
 def local_artifact_location(uri: str) -> str | None:
@@ -42,10 +62,8 @@ def local_artifact_location(uri: str) -> str | None:
     process happens to run in.
     """
     if uri.startswith(_SQLITE):
-        path = uri[len(_SQLITE):].partition("?")[0]
-        if path and path != ":memory:":
-            return str(Path(path).resolve().parent / "mlartifacts")
-        return None
+        path = sqlite_path(uri)
+        return None if path is None else str(path.resolve().parent / "mlartifacts")
     if uri.startswith("file:"):
         return str(_file_uri_path(uri).resolve().parent / "mlartifacts")
     return None

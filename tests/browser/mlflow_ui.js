@@ -8,7 +8,9 @@
 // Arguments (JSON): base_url, experiment (name or id), expect (texts that must be visible), screenshot (PNG path);
 // optional: filter (typed into the runs search box and submitted), absent (texts that must NOT be visible),
 // expand (true: click the expander of every top-level run, so runs nested under a parent run are drawn),
-// timeout_ms (each wait; default 60000), chromium (browser binary; default $CAP_CHROMIUM or /usr/bin/chromium).
+// timeout_ms (each wait; default 60000), chromium (browser binary; default $CAP_CHROMIUM or /usr/bin/chromium),
+// link (a URL to open instead of the experiment's runs page, e.g. one `cap ui` printed), table (false: the link is
+// not a runs table, e.g. a run's page; only the texts are checked).
 //
 // Prints one JSON object on stdout: ok, found, missing, present_but_absent_expected, run_names (the run-name links
 // rendered in the runs table), matching_runs (the table's "N matching runs"), url, screenshot, timings, versions.
@@ -153,13 +155,18 @@ async function main() {
     // workflowType=machine_learning: MLflow 3 opens an experiment in its GenAI view by default; the runs
     // table is in the "Model training" view.
     t = Date.now();
-    const firstSearch = page.waitForResponse((r) => isRunsSearch(r, exp.id), { timeout: a.timeout_ms });
-    firstSearch.catch(() => {});
-    await page.goto(`${a.base_url}/#/experiments/${exp.id}/runs?workflowType=machine_learning`,
+    const table = a.table !== false;
+    const firstSearch = table ? page.waitForResponse((r) => isRunsSearch(r, exp.id), { timeout: a.timeout_ms })
+      : null;
+    if (firstSearch) firstSearch.catch(() => {});
+    await page.goto(a.link || `${a.base_url}/#/experiments/${exp.id}/runs?workflowType=machine_learning`,
       { waitUntil: 'domcontentloaded' });
-    const err0 = await searchError(await firstSearch);
-    if (err0) throw new Error(`the UI's run search for experiment ${exp.id} failed: ${err0}`);
-    let state = await waitTable(page, a.timeout_ms, 'opening the runs page');
+    let state = { names: [], count: null };
+    if (table) {
+      const err0 = await searchError(await firstSearch);
+      if (err0) throw new Error(`the UI's run search for experiment ${exp.id} failed: ${err0}`);
+      state = await waitTable(page, a.timeout_ms, 'opening the runs page');
+    }
     result.timings.load_s = secs(t);
 
     if (a.filter) {
