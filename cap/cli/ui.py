@@ -73,20 +73,18 @@ def print_links(uri: str, base_url: str, experiment: str | None) -> None:
                           "updated last")
         print(f"no runs in {uri} yet: the UI is at {base_url}")
         return
-    if store.mark_model_training(exp):
-        print(f"tagged experiment '{exp.name}' as model training, so that it opens on its runs table")
     eid = exp.experiment_id
     print(f"experiment '{exp.name}' (id {eid}):")
     print(f"  runs, best test accuracy first: {runs_link(base_url, eid)}")
     print(f"  the Pareto front:               {runs_link(base_url, eid, FRONT_FILTER)}")
-    sweep = store.newest_run(eid, f"tags.{SWEEP_TAG} LIKE '%'")
+    sweep = store.newest_run(eid, f"tags.`{SWEEP_TAG}` LIKE '%'")
     if sweep is not None:
         print(f"  newest sweep, its Pareto files: {run_link(base_url, eid, sweep.info.run_id, 'artifacts')}")
     comparison = store.newest_run(eid, COMPARISON_FILTER)
     if comparison is not None:
         print(f"  newest comparison:              {run_link(base_url, eid, comparison.info.run_id, 'artifacts')}")
-    print("  (a sweep's trials are folded under its run: click its + to unfold them; the columns test_acc, "
-          "mac_reduction and param_reduction: docs/tracking.md, \"The MLflow UI\")")
+    print("  (to show test_acc, mac_reduction and param_reduction as columns: \"Columns\" above the table, tick "
+          "them under Metrics; the browser keeps the choice)")
 
 
 def serve(uri: str, host: str, port: int, experiment: str | None) -> int:

@@ -6,7 +6,6 @@ from cap.data.bundle import Batch, Batches, DataBundle, DataError
 from cap.data.cifar import load_cifar
 from cap.data.config import DataConfig
 from cap.data.idx import load_idx
-from cap.data.imagenet import build_imagenet
 from cap.data.tensor_loader import TensorLoader, in_memory_bundle
 
 __all__ = ["Batch", "Batches", "DataBundle", "DataError", "TensorLoader", "build_data"]
@@ -24,6 +23,8 @@ def build_data(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1,
             from cap.data.dali_loader import dali_imagenet_bundle
 
             return dali_imagenet_bundle(cfg, seed, rank, world_size, device_id)
+        from cap.data.imagenet import build_imagenet  # torchvision: over a second to import, for ImageNet only
+
         return build_imagenet(cfg, seed, rank, world_size)
     if cfg.name in ("cifar10", "cifar100"):
         data = load_cifar(cfg.name, cfg.root)

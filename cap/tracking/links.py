@@ -2,10 +2,10 @@
 
 What a link can carry (MLflow 3.17's experiment page reads these from the URL): `workflowType`, and the
 search facets `searchFilter`, `orderByKey`, `orderByAsc`, `startTime`, `lifecycleFilter`,
-`modelVersionFilter`, `datasetsFilter`. The experiment tag `mlflow.experimentKind` decides which view an
-experiment opens in without a `workflowType`: cap's experiments are tagged as model training. Which
-columns the runs table shows and whether nested runs are expanded are kept only in the browser's storage;
-docs/tracking.md has the clicks.
+`modelVersionFilter`, `datasetsFilter`. Without `workflowType=machine_learning` a fresh browser opens an
+experiment in the GenAI view, whatever the experiment's `mlflow.experimentKind` tag says (the UI takes the
+kind from its GenAI / Model training switch, kept in the browser's storage). Which columns the runs table
+shows and whether nested runs are unfolded are kept only there too; docs/tracking.md has the clicks.
 """
 
 from __future__ import annotations
@@ -15,12 +15,9 @@ from urllib.parse import quote, urlencode
 
 from cap.tracking.uri import default_uri, is_server
 
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-MODEL_TRAINING = "custom_model_development"
-"""the experiment kind that opens in MLflow's "Model training" view (the runs table), not the GenAI overview"""
 NOTE_TAG = "mlflow.note.content"
 """a run's description in the MLflow UI"""
-COMPARISON_FILTER = "tags.cap.kind = 'comparison'"
+COMPARISON_FILTER = "tags.`cap.kind` = 'comparison'"
 FRONT_FILTER = "tags.pareto = 'true'"
 SORT_KEY = "metrics.`test_acc`"
 

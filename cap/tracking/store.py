@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cap.tracking.links import EXPERIMENT_KIND_TAG, MODEL_TRAINING
 from cap.tracking.uri import local_artifact_location
 
 DEFAULT_TIMEOUT = 10.0
@@ -123,9 +122,7 @@ def ensure_experiment(client: Any, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            # tagged as model training: the MLflow UI then opens it on the runs table (cap.tracking.links)
-            return client.create_experiment(name, artifact_location=local_artifact_location(uri),
-                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            return client.create_experiment(name, artifact_location=local_artifact_location(uri))
         except MlflowException as exc:  # created by another process in between
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -178,15 +175,6 @@ class Store:
                 if self.client.search_runs([exp.experiment_id], max_results=1):
                     return exp
         return None
-
-    def mark_model_training(self, experiment: Any) -> bool:
-        """Tag an experiment as model training where nothing tagged it (one made by mlflow itself or another tool);
-        True if it was tagged now."""
-        if experiment.tags.get(EXPERIMENT_KIND_TAG):
-            return False
-        with http_settings(self.timeout):
-            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
-        return True
 
     def newest_run(self, experiment_id: str, filter_string: str) -> Any:
         """The run of the experiment that matches `filter_string` and started last; None if there is none."""
