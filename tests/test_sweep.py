@@ -104,7 +104,7 @@ def served_sweep(tmp_path_factory):
     server = MlflowServer(root / "mlflow")
     server.start()
     try:
-        path = write_sweep(root, name="tiny", space={"prune.tau": {"grid": [0.1, 0.4, 1.5, 4.0]},
+        path = write_sweep(root, name="tiny", space={"prune.tau": {"grid": [0.1, 1.5, 4.0]},
                                                      "train.lr": {"grid": [0.1, 1.0e6]}},
                            search="grid", max_failures=1, tracking={"uri": server.uri, "experiment": "sweep-test"})
         t0 = time.perf_counter()
@@ -129,12 +129,12 @@ def _client(served):
 def test_sweep_trials_train_and_failures_are_retried_then_reported(served_sweep):
     result, rows = served_sweep["result"], served_sweep["rows"]
     assert result.returncode == 1, result.stderr[-3000:]  # some trials failed: the exit status says so
-    assert len(rows) == 8
+    assert len(rows) == 6
     finished = [r for r in rows if r["status"] == "finished"]
     failed = [r for r in rows if r["status"] == "error"]
-    assert sorted(r["prune.tau"] for r in finished) == [0.1, 0.4, 1.5, 4.0]
+    assert sorted(r["prune.tau"] for r in finished) == [0.1, 1.5, 4.0]
     assert all(r["train.lr"] == 0.1 for r in finished) and all(r["attempts"] == 1 for r in finished)
-    assert len(failed) == 4 and all(r["train.lr"] == 1.0e6 for r in failed)
+    assert len(failed) == 3 and all(r["train.lr"] == 1.0e6 for r in failed)
     for row in failed:  # retried once (max_failures=1), then reported with the trial's own error
         assert row["attempts"] == 2, row
         assert "diverged" in row["error"], row
@@ -148,7 +148,7 @@ def test_sweep_trials_train_and_failures_are_retried_then_reported(served_sweep)
     # the trials prune (how much per tau is the trainer's business: tests/test_training.py)
     assert max(r["mac_reduction"] for r in finished) > 0.3
     with (served_sweep["folder"] / "sweep_results.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 8
+        assert len(list(csv.DictReader(f))) == 6
 
 
 @pytest.mark.slow
@@ -160,10 +160,10 @@ def test_sweep_runs_are_nested_mlflow_runs_with_params_and_final_metrics(served_
     state = json.loads((served_sweep["folder"] / "sweep.json").read_text())
     parent = client.get_run(state["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["cap.sweep"] == "tiny"
-    assert parent.data.metrics["trials"] == 8 and parent.data.metrics["trials_failed"] == 4
+    assert parent.data.metrics["trials"] == 6 and parent.data.metrics["trials_failed"] == 3
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     done = [r for r in children if r.info.status == "FINISHED"]
-    assert len(done) == 4
+    assert len(done) == 3
     rows = {r["mlflow_run_id"]: r for r in served_sweep["rows"] if r["status"] == "finished"}
     assert set(rows) == {r.info.run_id for r in done}
     for run in done:
@@ -174,8 +174,8 @@ def test_sweep_runs_are_nested_mlflow_runs_with_params_and_final_metrics(served_
         assert run.data.metrics["mac_reduction"] == pytest.approx(row["mac_reduction"])
     # a failed trial's first attempt is superseded by its retry; neither counts as a result
     failed_runs = [r for r in children if r.info.status == "FAILED"]
-    assert len(failed_runs) == 8
-    assert sum(r.data.tags.get("cap.superseded") == "true" for r in failed_runs) == 4
+    assert len(failed_runs) == 6
+    assert sum(r.data.tags.get("cap.superseded") == "true" for r in failed_runs) == 3
 
 
 @pytest.mark.slow
@@ -186,14 +186,14 @@ def test_sweep_pareto_files_tags_and_hypervolumes(served_sweep):
     folder = served_sweep["folder"] / "pareto"
     with (folder / "pareto.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 4
+    assert len(table) == 3
     acc, mac, par = ([float(r[k]) for r in table] for k in ("test_acc", "mac_reduction", "param_reduction"))
     fronts = {"acc_mac": list(zip(acc, mac, strict=True)), "acc_param": list(zip(acc, par, strict=True)),
               "acc_mac_param": list(zip(acc, mac, par, strict=True))}
     summary = json.loads((folder / "pareto.json").read_text())
     for name, points in fronts.items():
         members = set(non_dominated(points))
-        assert [r[f"front_{name}"] == "True" for r in table] == [i in members for i in range(4)], name
+        assert [r[f"front_{name}"] == "True" for r in table] == [i in members for i in range(3)], name
         front = [points[i] for i in members]
         volume = hypervolume_2d(front) if len(points[0]) == 2 else hypervolume_3d(front)
         assert summary["hypervolume"][name] == pytest.approx(volume)
@@ -213,11 +213,11 @@ def test_sweep_pareto_files_tags_and_hypervolumes(served_sweep):
 @pytest.mark.ray
 @pytest.mark.mlflow
 def test_pareto_cli_on_the_sweep_without_parent(served_sweep, tmp_path):
-    # the whole experiment: the same four finished runs (the parent and the failed attempts are left out)
+    # the whole experiment: the same three finished runs (the parent and the failed attempts are left out)
     result = cap_cli("pareto", "--experiment", "sweep-test", "--tracking-uri", served_sweep["server"].uri,
                      "--out", str(tmp_path / "p"), cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "p" / "pareto.json").read_text())["runs"] == 4
+    assert json.loads((tmp_path / "p" / "pareto.json").read_text())["runs"] == 3
     missing = cap_cli("pareto", "--experiment", "nope", "--tracking-uri", served_sweep["server"].uri, cwd=tmp_path,
                       timeout=300)
     assert missing.returncode == 2 and "experiment 'nope' does not exist" in missing.stderr

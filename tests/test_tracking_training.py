@@ -68,8 +68,8 @@ def test_server_killed_mid_run_loses_nothing(tmp_path):
 
     out = tmp_path / "run"
     with MlflowServer(tmp_path / "server") as server:
-        proc = subprocess.Popen(cap_train(out, server.uri, 3), cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cap_train(out, server.uri, 3, "data.train_subset=1500"), cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
         for line in proc.stdout:
             lines.append(line)
