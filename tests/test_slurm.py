@@ -15,6 +15,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from unittest import mock
@@ -83,14 +84,14 @@ CONNECT = "import ray; ray.init(address=__import__('sys').argv[1]); print('conne
 
 
 def _task_environment(folder: Path, is_head: bool) -> dict[str, str]:
-    """os.environ as a task of job 77 leaves it after share_ray_token (this process's is restored)."""
-    from cap.launch.jobs import share_ray_token
+    """The environment a task of job 77 gives `ray start` after share_ray_token (this process's is restored)."""
+    from cap.launch.jobs import ray_environment, share_ray_token
 
     with mock.patch.dict(os.environ):
         for key in [k for k in os.environ if k.startswith("RAY_AUTH")]:
             del os.environ[key]
         share_ray_token(folder, "77", is_head=is_head)
-        return dict(os.environ)
+        return ray_environment()
 
 
 @pytest.mark.ray
@@ -108,8 +109,11 @@ def test_the_multi_node_sweep_jobs_ray_refuses_callers_without_the_jobs_token(tm
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     head_env = _task_environment(tmp_path, True)
-    head = subprocess.Popen(ray_start_command("127.0.0.1", port, {"CPU": 1, "GPU": 0}, is_head=True), env=head_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own temp folder (short: Ray's socket paths must fit 107 characters), so that no later `ray.init` of
+    # this machine finds this cluster in /tmp/ray/ray_current_cluster
+    command = [*ray_start_command("127.0.0.1", port, {"CPU": 1, "GPU": 0}, is_head=True),
+               f"--temp-dir={tempfile.mkdtemp(prefix='ray-', dir='/tmp')}"]
+    head = subprocess.Popen(command, env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_port("127.0.0.1", port, 120)
         plain = {k: v for k, v in head_env.items() if not k.startswith("RAY_AUTH")}

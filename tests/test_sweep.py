@@ -129,6 +129,7 @@ def _client(served):
 def test_sweep_trials_train_and_failures_are_retried_then_reported(served_sweep):
     result, rows = served_sweep["result"], served_sweep["rows"]
     assert result.returncode == 1, result.stderr[-3000:]  # some trials failed: the exit status says so
+    assert f"the runs in the MLflow UI: {served_sweep['server'].uri}/#/experiments/" in result.stdout  # a server
     assert len(rows) == 6
     finished = [r for r in rows if r["status"] == "finished"]
     failed = [r for r in rows if r["status"] == "error"]
@@ -218,6 +219,7 @@ def test_pareto_cli_on_the_sweep_without_parent(served_sweep, tmp_path):
                      "--out", str(tmp_path / "p"), cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "p" / "pareto.json").read_text())["runs"] == 3
+    assert "workflowType=machine_learning" in result.stdout.splitlines()[-1]  # where to look at them
     missing = cap_cli("pareto", "--experiment", "nope", "--tracking-uri", served_sweep["server"].uri, cwd=tmp_path,
                       timeout=300)
     assert missing.returncode == 2 and "experiment 'nope' does not exist" in missing.stderr
@@ -319,7 +321,10 @@ def test_the_sweeps_ray_refuses_callers_without_its_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"PYTHONPATH": str(ROOT)}
     token_file = Path.home() / ".ray" / "auth_token"
     had_token_file = token_file.exists()
-    driver = subprocess.Popen([sys.executable, "-c", SWEEP_RAY, str(write_sweep(tmp_path))], env=env, text=True,
+    # a cluster named elsewhere (RAY_ADDRESS, or /tmp/ray/ray_current_cluster of an earlier `ray start`) is not
+    # the sweep's: it starts a Ray of its own
+    driver = subprocess.Popen([sys.executable, "-c", SWEEP_RAY, str(write_sweep(tmp_path))], text=True,
+                              env=env | {"RAY_ADDRESS": "127.0.0.1:9"},
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         line = ""

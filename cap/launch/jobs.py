@@ -122,6 +122,12 @@ def share_ray_token(folder: Path, job_id: str, is_head: bool) -> None:
     os.environ["RAY_AUTH_TOKEN"] = path.read_text().strip()
 
 
+def ray_environment() -> dict[str, str]:
+    """The environment of the job's `ray start`: the task's, without Ray's 30 s drain on SIGTERM (it waits for
+    Ray Serve replicas to quiesce; a sweep has none, and the job's end would wait for nothing)."""
+    return {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **os.environ}
+
+
 class SweepJob(submitit.helpers.Checkpointable):
     """`cap sweep SPEC [--storage DIR]` on the job's allocation: one task per node. On one node Ray starts inside
     run_sweep with the node's allocated CPUs; on several, task 0 starts a Ray head, the others join it, and task 0
@@ -141,12 +147,12 @@ class SweepJob(submitit.helpers.Checkpointable):
         if env.global_rank != 0:
             _wait_for_port(head, port, 300)
             share_ray_token(env.paths.folder, env.job_id, is_head=False)
-            subprocess.run(ray_start_command(head, port, resources, is_head=False), check=False)
+            subprocess.run(ray_start_command(head, port, resources, is_head=False), env=ray_environment(), check=False)
             return 0
         if shutil.which(ray_start_command(head, port, resources, True)[0]) is None:
             raise RuntimeError("the `ray` command is not installed next to this Python")
         share_ray_token(env.paths.folder, env.job_id, is_head=True)
-        ray_head = subprocess.Popen(ray_start_command(head, port, resources, is_head=True))
+        ray_head = subprocess.Popen(ray_start_command(head, port, resources, is_head=True), env=ray_environment())
         try:
             _wait_for_port(head, port, 300)
             return self._sweep(f"{head}:{port}")

@@ -227,7 +227,8 @@ def _init_ray(address: str | None, spec: SweepSpec, log: Log) -> None:
         return
     _require_token()
     cpus = int(os.environ.get("SLURM_CPUS_ON_NODE") or len(os.sched_getaffinity(0)))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    # "local": a Ray of its own, even where /tmp/ray names another cluster (a `ray start` of earlier, gone or not)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     log(f"local Ray with {cpus} CPUs: up to {int(cpus // spec.cpus_per_trial)} trials at once"
         + (f" (max_concurrent {spec.max_concurrent})" if spec.max_concurrent else ""))
 
