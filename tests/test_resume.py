@@ -342,6 +342,27 @@ def test_disk_full_during_training_says_so_and_the_run_resumes_after(small_disk,
     assert read_checkpoint(out / CHECKPOINT_DIR / "last.pt")["position"]["epoch"] == 1  # epoch 1's, intact
 
 
+def test_disk_full_at_the_results_says_so_and_the_resume_writes_them(small_disk, capsys):
+    """One epoch: its checkpoint (2.2 MB) fits the 3 MiB disk, the results after it (model.pt first) do not."""
+    from cap.cli import main
+
+    if not os.path.ismount(small_disk):
+        pytest.skip("needs a small tmpfs (mount as root): the results are written by torch and json, not one open")
+    out = small_disk / "run"
+    code = main(["train", "--config", "configs/smoke.yaml", "--out", str(out), "train.epochs=1", *TINY])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.startswith(f"error: no space left on the device of {out} for the run's results")
+    assert f"write them with: cap train --resume {out}" in err and "Traceback" not in err
+    assert not (out / "summary.json").exists(), "an unfinished set of results must not mark the run finished"
+    assert not list(out.glob(".*.tmp")), "no temporary may stay behind"
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)  # space freed
+    assert main(["train", "--resume", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+    saved = torch.load(out / "model.pt", weights_only=True)
+    build_from_architecture(saved["arch"]).load_state_dict(saved["state_dict"])
+
+
 @pytest.mark.slow
 def test_a_last_pt_of_another_model_falls_back_to_prev_pt_and_says_why(tmp_path):
     out, other = tmp_path / "run", tmp_path / "other"

@@ -34,7 +34,7 @@ class CheckpointError(RuntimeError):
 
 
 class DiskFullError(OSError):
-    """No space left for a checkpoint; the message names the folder, the space needed and what is intact."""
+    """No space left for a checkpoint or the results; the message names the folder and what is intact."""
 
     def __str__(self) -> str:
         return str(self.strerror)

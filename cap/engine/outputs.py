@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,6 +12,7 @@ from typing import Any
 
 import torch
 
+from cap.engine.checkpoint import DiskFullError
 from cap.engine.config import Config
 from cap.tracking.links import NOTE_TAG, result_note
 
@@ -71,14 +74,28 @@ def write_outputs(result: RunResult, tracker, log: Callable[[str], None]) -> dic
 
     out, cfg = result.out_dir, result.cfg
     summary = build_summary(result)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "history.json").write_text(json.dumps(result.history, indent=2))
-    torch.save({"arch": result.arch, "state_dict": result.state_dict}, out / "model.pt")
     title = f"{cfg.model.name} {result.dataset} tau={cfg.prune.tau:g} alpha={cfg.prune.alpha:g} " \
             f"beta={cfg.prune.beta:g}"
-    plots = [plot_structure(summary["structure"], out / "structure.png", title)]
-    if result.pruning:
-        plots.append(plot_theta_trajectory(result.trajectory, out / "thetas.png", title))
+    try:
+        (out / "history.json").write_text(json.dumps(result.history, indent=2))
+        buffer = io.BytesIO()  # torch.save into a full file fails with a RuntimeError; a write says ENOSPC
+        torch.save({"arch": result.arch, "state_dict": result.state_dict}, buffer)
+        (out / "model.pt").write_bytes(buffer.getvalue())
+        plots = [plot_structure(summary["structure"], out / "structure.png", title)]
+        if result.pruning:
+            plots.append(plot_theta_trajectory(result.trajectory, out / "thetas.png", title))
+        # last, and whole or not at all: a summary.json marks the run finished (a resume then trains nothing)
+        draft = out / ".summary.json.tmp"
+        draft.write_text(json.dumps(summary, indent=2))
+        draft.replace(out / "summary.json")
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            (out / ".summary.json.tmp").unlink(missing_ok=True)
+            raise DiskFullError(errno.ENOSPC, f"no space left on the device of {out} for the run's results "
+                                "(history.json, model.pt, plots, summary.json): training is done and its last "
+                                f"checkpoint is kept; free space, then write them with: cap train --resume {out}") \
+                from exc
+        raise
     for name in ("config.yaml", "summary.json", "history.json", "model.pt"):
         tracker.log_artifact(out / name)
     for path in plots:

@@ -17,7 +17,7 @@ from cap.engine.checkpoint import CHECKPOINT_DIR
 from cap.engine.config import ConfigError
 
 RUN_FILES = ("config.yaml", CHECKPOINT_DIR, "summary.json", "history.json", "model.pt", "structure.png",
-             "thetas.png", "export")
+             "thetas.png", "export", ".summary.json.tmp")
 """what a run (cap.engine.run, cap.engine.outputs) and `cap export` write into a run folder"""
 _MARKERS = RUN_FILES[:5]
 """any of these makes a folder a run's"""
