@@ -73,6 +73,15 @@ def browser_unavailable_reason() -> str | None:
     return None
 
 
+def skip_without_browser() -> None:
+    """pytest.skip, with the reason, where the browser check cannot run here."""
+    import pytest
+
+    reason = browser_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
 def ensure_node_modules(timeout: float = 600.0) -> None:
     """`npm ci` in tests/browser unless node_modules already holds the pinned playwright-core (idempotent;
     a file lock keeps parallel callers from installing at the same time)."""

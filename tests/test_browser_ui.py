@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser_ui import browser_unavailable_reason, check_mlflow_ui
+from tests.browser_ui import check_mlflow_ui, skip_without_browser
 
 pytestmark = [pytest.mark.mlflow, pytest.mark.browser]
 
@@ -31,9 +31,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def test_mlflow_ui_shows_runs_and_filters_by_tag(tmp_path):
-    reason = browser_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
+    skip_without_browser()
     with MlflowServer(tmp_path / "mlflow") as server:
         client = MlflowClient(server.uri)
         exp_id = client.create_experiment("browser-ui-check")

@@ -229,11 +229,9 @@ def test_pareto_cli_on_the_sweep_without_parent(served_sweep, tmp_path):
 @pytest.mark.ray
 @pytest.mark.mlflow
 def test_mlflow_ui_shows_the_sweep_runs_and_the_pareto_tag(served_sweep):
-    from tests.browser_ui import browser_unavailable_reason, check_mlflow_ui
+    from tests.browser_ui import check_mlflow_ui, skip_without_browser
 
-    reason = browser_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
+    skip_without_browser()
     table = list(csv.DictReader((served_sweep["folder"] / "pareto" / "pareto.csv").open()))
     names = [r["run_name"] for r in table]
     on_front = {r["run_name"] for r in table if r["front_acc_mac_param"] == "True"}

@@ -16,6 +16,7 @@ import pytest
 
 from cap.tracking.links import run_link, runs_link, ui_hint
 from cap.tracking.uri import default_uri, resolve_uri
+from tests.mlflow_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
@@ -25,12 +26,6 @@ TRIALS = {"trial-a": (0.81, True), "trial-b": (0.86, True), "trial-c": (0.79, Fa
 def cap_ui(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cap", "ui", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, **kwargs)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -112,11 +107,9 @@ def fill_store(uri: str) -> tuple[str, dict[str, str]]:
 @pytest.mark.mlflow
 @pytest.mark.browser
 def test_cap_ui_serves_loopback_only_and_its_links_open_cap_s_views(tmp_path):
-    from tests.browser_ui import browser_unavailable_reason, check_mlflow_ui
+    from tests.browser_ui import check_mlflow_ui, skip_without_browser
 
-    reason = browser_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
+    skip_without_browser()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     eid, ids = fill_store(uri)
     port = free_port()
