@@ -122,9 +122,12 @@ class Tracker:
         if tags:
             self._channel.submit({"op": "tags", "tags": tag_values(tags)})
 
-    def ui_hint(self) -> str:
-        """Where to see this run's experiment in the MLflow UI (cap.tracking.links.ui_hint)."""
+    def ui_hint(self) -> str | None:
+        """Where to see this run's experiment in the MLflow UI (cap.tracking.links.ui_hint); None where the run's
+        tracking state does not name its experiment."""
         state = self._channel.state
+        if not state.get("experiment"):
+            return None
         return ui_hint(self.uri, state["experiment"], state.get("experiment_id"))
 
     def finish(self, status: str = "FINISHED") -> None:
