@@ -104,9 +104,11 @@ def serve(uri: str, host: str, port: int, experiment: str | None) -> int:
     artifacts = local_artifact_location(uri)
     if artifacts:
         command += ["--artifacts-destination", artifacts]
-    # no job execution: it starts a Huey worker pool this UI never uses, and slows the start
+    # no job execution: its background workers serve nothing this UI shows, and slow the start
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = Path(tempfile.mkstemp(prefix="cap-ui-", suffix=".log")[1])  # uvicorn logs every request
+    handle, name = tempfile.mkstemp(prefix="cap-ui-", suffix=".log")  # uvicorn logs every request
+    os.close(handle)
+    log = Path(name)
     with open(log, "w") as out:
         server = subprocess.Popen(command, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
