@@ -4,8 +4,9 @@ What a link can carry (MLflow 3.17's experiment page reads these from the URL): 
 search facets `searchFilter`, `orderByKey`, `orderByAsc`, `startTime`, `lifecycleFilter`,
 `modelVersionFilter`, `datasetsFilter`. Without `workflowType=machine_learning` a fresh browser opens an
 experiment in the GenAI view, whatever the experiment's `mlflow.experimentKind` tag says (the UI takes the
-kind from its GenAI / Model training switch, kept in the browser's storage). Which columns the runs table
-shows and whether nested runs are unfolded are kept only there too; docs/tracking.md has the clicks.
+kind from its GenAI / Model training switch, kept in the browser's storage). Sorted by a metric, the table lists
+nested runs (a sweep's trials) flat. Which columns it shows is kept only in the browser's storage too;
+docs/tracking.md has the clicks.
 """
 
 from __future__ import annotations

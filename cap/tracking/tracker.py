@@ -21,7 +21,7 @@ from cap.tracking.queue import (
     write_json,
 )
 from cap.tracking.store import DEFAULT_TIMEOUT, Unsendable, is_permanent, now_ms, param_values, tag_values
-from cap.tracking.uri import resolve_uri
+from cap.tracking.uri import is_server, resolve_uri
 
 if TYPE_CHECKING:
     from cap.tracking.config import TrackingConfig
@@ -141,7 +141,7 @@ class Tracker:
         channel.submit({"op": "terminate", "status": status, "end_time": now_ms()})
         n = len(read_ops(channel.pending_file))
         state = channel.state
-        if not n and self.uri.startswith(("http://", "https://")) and state.get("experiment_id"):
+        if not n and is_server(self.uri) and state.get("experiment_id"):
             channel.log(f"MLflow run {state['run_id']} ended {status}: {self.uri.rstrip('/')}/#/experiments/"
                         f"{state['experiment_id']}/runs/{state['run_id']}")
         if n:
